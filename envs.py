@@ -1,0 +1,644 @@
+"""Simulated stand-ins for the robots of seed 000 (Coupled local and global world models), the play-data
+collectors that feed the world models, and the data-file format every script reads.
+
+    PushT-v0        gym-pusht's physics and coverage score, driven like the paper's Flexiv arm (§4.1.1):
+                    action = the tool's planar velocity, 5 Hz, 64x64 RGB frames.
+    EgoPushCube-v0  a robot in a walled room pushes a cube into a goal net (stand-in for the Go2, §4.1.2):
+                    action = body velocity command to a first-order low-level controller, 5 Hz,
+                    64x64 ego-centric view (heading up, limited field of view), per-frame task labels.
+
+Both register with Gymnasium on import and put the true state in `info`. Command line:
+
+    python envs.py collect PushT-v0 --steps 500 --out /tmp/p.npz
+    python envs.py collect EgoPushCube-v0 --steps 500 --out /tmp/d.npz --demos
+    python envs.py check /tmp/p.npz
+"""
+
+import dataclasses
+import math
+import os
+import sys
+import warnings
+from typing import Annotated
+
+import cv2
+import gymnasium as gym
+import numpy as np
+import pymunk
+import tyro
+
+with warnings.catch_warnings():  # pygame (imported by gym-pusht) warns about pkg_resources
+    warnings.simplefilter("ignore")
+    from gym_pusht.envs.pusht import PushTEnv as GymPushT
+
+CONTROL_HZ = 5.0
+FORMAT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Push-T
+# ----------------------------------------------------------------------------------------------------
+PUSHT_COLORS = {  # RGB, the colours gym-pusht draws with
+    "background": (255, 255, 255),
+    "wall": (211, 211, 211),
+    "goal": (144, 238, 144),
+    "block": (119, 136, 153),
+    "agent": (65, 105, 225),
+}
+
+
+class PushTEnv(gym.Env):
+    """gym-pusht's Push-T with the tool driven by velocity commands instead of gym-pusht's PD loop.
+
+    The agent is gym-pusht's kinematic disk; its velocity is set directly to `action * max_speed` (px/s)
+    for 1/5 s (20 physics substeps of 0.01 s), and clipped so the disk stays inside the walls.
+    Coverage, reward (coverage / 0.95, clipped to 1) and success (coverage > 0.95) are gym-pusht's.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": CONTROL_HZ}
+    goal_pose = np.array([256.0, 256.0, np.pi / 4])  # gym-pusht's target pose of the T (x, y, angle)
+    dt, substeps = 0.01, int(1 / (0.01 * CONTROL_HZ))
+
+    def __init__(self, max_speed: float = 200.0, obs_size: int = 64, render_mode: str = "rgb_array"):
+        self.max_speed, self.obs_size, self.render_mode = max_speed, obs_size, render_mode
+        self.sim = GymPushT(obs_type="state")
+        self.observation_space = gym.spaces.Box(0, 255, (obs_size, obs_size, 3), np.uint8)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+        self.agent_bounds = (5 + 2 + 15, 506 - 2 - 15)  # wall line +- wall radius +- agent radius
+
+    def _set_state(self, state):
+        sim = self.sim
+        sim._setup()
+        sim.agent.position = tuple(state[:2])
+        # gym-pusht sets the block's position before its angle, which rotates the T about its centre of
+        # gravity (not its origin) and so misplaces it; set the angle first.
+        sim.block.angle = float(state[4])
+        sim.block.position = tuple(state[2:4])
+        sim.space.step(self.dt)  # resolve any initial overlap, as gym-pusht does
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        if options is not None and options.get("state") is not None:
+            state = np.asarray(options["state"], dtype=np.float64)
+        else:  # gym-pusht's initial-state distribution
+            r = self.np_random
+            state = np.array([r.integers(50, 450), r.integers(50, 450), r.integers(100, 400),
+                              r.integers(100, 400), r.uniform(-np.pi, np.pi)], dtype=np.float64)
+        self._set_state(state)
+        return self._render_frame(self.obs_size), self._info()
+
+    def step(self, action):
+        sim = self.sim
+        velocity = np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0) * self.max_speed
+        lo, hi = self.agent_bounds
+        for _ in range(self.substeps):
+            position = np.array(sim.agent.position)
+            target = np.clip(position + velocity * self.dt, lo, hi)
+            sim.agent.velocity = tuple((target - position) / self.dt)
+            sim.space.step(self.dt)
+        sim.agent.velocity = (0.0, 0.0)
+        info = self._info()
+        reward = float(np.clip(info["coverage"] / sim.success_threshold, 0.0, 1.0))
+        return self._render_frame(self.obs_size), reward, info["is_success"], False, info
+
+    def _info(self):
+        sim = self.sim
+        coverage = sim._get_coverage()
+        touching = sim.space.shape_query(next(iter(sim.agent.shapes)))
+        return {
+            "state": self.state,
+            "coverage": coverage,
+            "is_success": bool(coverage > sim.success_threshold),
+            "contact": any(q.shape.body is sim.block for q in touching),
+        }
+
+    @property
+    def state(self):
+        """(agent x, agent y, block x, block y, block angle in [0, 2 pi)) in gym-pusht's pixel units."""
+        a, b = self.sim.agent.position, self.sim.block.position
+        return np.array([a.x, a.y, b.x, b.y, self.sim.block.angle % (2 * np.pi)], dtype=np.float32)
+
+    def _render_frame(self, size):
+        # The scene gym-pusht draws with pygame, drawn with OpenCV at 2x and area-downsampled (10x faster).
+        sim, s, shift = self.sim, 2 * size / 512, 4
+        img = np.full((2 * size, 2 * size, 3), PUSHT_COLORS["background"], np.uint8)
+
+        def fill(body, color):
+            for shape in sim.block.shapes:
+                pts = np.array([body.local_to_world(v) for v in shape.get_vertices()]) * s
+                cv2.fillPoly(img, [np.round(pts * 2**shift).astype(np.int32)], color, cv2.LINE_AA, shift)
+
+        wall = max(1, round(4 * s))
+        cv2.rectangle(img, (round(5 * s), round(5 * s)), (round(506 * s), round(506 * s)), PUSHT_COLORS["wall"], wall)
+        fill(sim.get_goal_pose_body(self.goal_pose), PUSHT_COLORS["goal"])
+        fill(sim.block, PUSHT_COLORS["block"])
+        center = np.round(np.array(sim.agent.position) * s * 2**shift).astype(int)
+        cv2.circle(img, tuple(center), round(15 * s * 2**shift), PUSHT_COLORS["agent"], -1, cv2.LINE_AA, shift)
+        return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+
+    def render(self):
+        return self._render_frame(256)
+
+
+def pusht_goal_image(size: int = 64, agent_xy=(256.0, 400.0)) -> np.ndarray:
+    """The goal frame for the contrastive reward: the T at its target pose, the tool at `agent_xy`."""
+    env = PushTEnv(obs_size=size)
+    obs, info = env.reset(options={"state": [*agent_xy, *PushTEnv.goal_pose]})
+    assert info["coverage"] > 0.99, f"goal image has coverage {info['coverage']:.3f}"
+    return obs
+
+
+def pusht_play_policy(env: PushTEnv, rng: np.random.Generator):
+    """High-entropy play: smooth random motions (Ornstein-Uhlenbeck noise) mixed with strokes that aim at
+    a random point beside the T and push through it, so the tool touches the block often."""
+    noise, target, steps_left = np.zeros(2), None, 0
+
+    def act(obs, info):
+        nonlocal noise, target, steps_left
+        if steps_left <= 0:  # new stroke
+            steps_left = int(rng.integers(4, 16))
+            target = None
+            if rng.random() < 0.75:
+                block = np.array(env.sim.block.local_to_world(env.sim.block.center_of_gravity))
+                target = block + rng.normal(0.0, 45.0, 2)
+        steps_left -= 1
+        noise = 0.7 * noise + 0.5 * rng.normal(size=2)
+        if target is None:
+            return np.clip(noise, -1, 1).astype(np.float32)
+        to_target = target - info["state"][:2]
+        return np.clip(to_target / 60.0 + 0.3 * noise, -1, 1).astype(np.float32)
+
+    return act
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ego-centric Push-Cube
+# ----------------------------------------------------------------------------------------------------
+ROOM_W, ROOM_H = 5.0, 4.0  # m, walls along x = 0, 5 and y = 0, 4
+NET = (4.4, 5.0, 1.4, 2.6)  # goal net: x0, x1, y0, y1 (its back is the wall x = 5)
+NET_CENTER = np.array([4.7, 2.0])
+CUBE_HALF = 0.15  # m
+ROBOT_SIZE = (0.6, 0.34)  # m, length (along heading) x width
+MAX_COMMAND = np.array([0.6, 0.3, 1.0])  # forward m/s, lateral m/s, yaw rate rad/s at |action| = 1
+CONTROLLERS = {  # first-order response dv/dt = (gain * v_cmd - v) / tau, per axis (forward, lateral, yaw)
+    "default": {"tau": 0.15, "gain": (1.0, 1.0, 1.0)},
+    "alt": {"tau": 0.4, "gain": (0.8, 0.7, 1.25)},  # slower, weaker translation, stronger yaw (Fig. 12)
+}
+EGO_COLORS = {"floor": (200, 190, 170), "wall": (70, 70, 80), "net": (245, 245, 245), "post": (220, 40, 40),
+              "cube": (255, 140, 0), "robot": (40, 90, 200)}
+SCENE_POINTS = np.array([(0, 0), (ROOM_W, 0), (ROOM_W, ROOM_H), (0, ROOM_H),  # floor polygon
+                         (NET[0], NET[2]), (NET[1], NET[2]), (NET[1], NET[3]), (NET[0], NET[3]),  # net polygon
+                         (0, 0), (ROOM_W, 0), (ROOM_W, 0), (ROOM_W, ROOM_H), (ROOM_W, ROOM_H), (0, ROOM_H), (0, ROOM_H), (0, 0),  # walls
+                         (NET[0], NET[2]), (NET[1], NET[2]), (NET[0], NET[3]), (NET[1], NET[3])], float)  # posts
+SCENE_LINE_COLORS = [EGO_COLORS["wall"]] * 4 + [EGO_COLORS["post"]] * 2
+
+
+class EgoPushCubeEnv(gym.Env):
+    """Push a cube into a goal net with a mobile robot seen through its own camera.
+
+    The robot is a box driven, like pymunk's top-down "tank" example, by a kinematic control body through
+    a pivot and a gear joint with bounded force, so walls stop it. The cube slides on the floor with
+    Coulomb friction (same joints to the static body). Observation: a 64x64 top-down view centred ahead of
+    the robot, heading up, masked to a +-55 degree field of view; what is beside or behind is not seen.
+    Labels (the operator's button presses of the paper): 0 other, 1 pushing the cube toward the goal,
+    2 success. Reward: 1 while pushing toward the goal, 10 on success (terminal).
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": CONTROL_HZ}
+    dt, substeps = 0.02, 10
+    view = 3.0  # m, width and depth of the ego-centric view
+    fov = math.radians(55)  # half angle
+
+    def __init__(self, controller: str = "default", obs_size: int = 64, render_mode: str = "rgb_array"):
+        if controller not in CONTROLLERS:
+            raise ValueError(f"controller must be one of {sorted(CONTROLLERS)}, got {controller!r}")
+        self.controller, self.obs_size, self.render_mode = controller, obs_size, render_mode
+        self.tau, self.gain = CONTROLLERS[controller]["tau"], np.array(CONTROLLERS[controller]["gain"])
+        self.observation_space = gym.spaces.Box(0, 255, (obs_size, obs_size, 3), np.uint8)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
+        # pixel grid of the ego view: robot centre at the bottom centre, 1 pixel = view width / size
+        self.px_per_m = obs_size / self.view
+        self.cam = np.array([obs_size / 2, obs_size - 0.5 * ROBOT_SIZE[0] * self.px_per_m])
+        u, v = np.meshgrid(np.arange(obs_size) + 0.5, np.arange(obs_size) + 0.5)
+        self.fov_mask = np.abs(np.arctan2(u - self.cam[0], self.cam[1] - v)) <= self.fov
+
+    # -- physics --------------------------------------------------------------------------------------
+    def _build(self, robot_pose, cube_pose):
+        self.space = space = pymunk.Space()
+        for a, b in SCENE_POINTS[8:20].reshape(6, 2, 2):  # walls and net posts
+            seg = pymunk.Segment(space.static_body, tuple(a), tuple(b), 0.03)
+            seg.friction = 0.5
+            space.add(seg)
+
+        def friction_joints(body, force, torque):  # top-down Coulomb friction against the floor
+            pivot = pymunk.PivotJoint(space.static_body, body, (0, 0), (0, 0))
+            gear = pymunk.GearJoint(space.static_body, body, 0.0, 1.0)
+            pivot.max_bias, pivot.max_force, gear.max_bias, gear.max_force = 0, force, 0, torque
+            space.add(pivot, gear)
+
+        self.cube = pymunk.Body(1.0, pymunk.moment_for_box(1.0, (2 * CUBE_HALF, 2 * CUBE_HALF)))
+        cube_shape = pymunk.Poly.create_box(self.cube, (2 * CUBE_HALF, 2 * CUBE_HALF))
+        cube_shape.friction, cube_shape.collision_type = 0.6, 2
+        self.cube.position, self.cube.angle = tuple(cube_pose[:2]), float(cube_pose[2])
+        space.add(self.cube, cube_shape)
+        friction_joints(self.cube, 0.5 * 9.81, 0.2)
+
+        self.robot = pymunk.Body(15.0, pymunk.moment_for_box(15.0, ROBOT_SIZE))
+        robot_shape = pymunk.Poly.create_box(self.robot, ROBOT_SIZE, radius=0.02)
+        robot_shape.friction, robot_shape.collision_type = 0.6, 1
+        self.robot.position, self.robot.angle = tuple(robot_pose[:2]), float(robot_pose[2])
+        self.control = pymunk.Body(body_type=pymunk.Body.KINEMATIC)
+        self.control.position, self.control.angle = self.robot.position, self.robot.angle
+        space.add(self.robot, robot_shape, self.control)
+        pivot = pymunk.PivotJoint(self.control, self.robot, (0, 0), (0, 0))
+        gear = pymunk.GearJoint(self.control, self.robot, 0.0, 1.0)
+        pivot.max_bias, pivot.max_force, gear.max_bias, gear.max_force = 0, 400.0, 0, 100.0
+        space.add(pivot, gear)
+
+        self.touching = False
+        handler = space.add_collision_handler(1, 2)
+        handler.post_solve = lambda arbiter, space, data: setattr(self, "touching", True)
+        self.body_velocity = np.zeros(3)  # (forward, lateral, yaw rate) of the low-level controller
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        options = options or {}
+        r = self.np_random
+        robot = options.get("robot_pose")
+        cube = options.get("cube_pose")
+        if robot is None:
+            robot = [r.uniform(0.5, 2.8), r.uniform(0.5, 3.5), r.uniform(-np.pi, np.pi)]
+        if cube is None:
+            while cube is None or np.linalg.norm(np.subtract(cube[:2], robot[:2])) < 0.7:
+                cube = [r.uniform(1.2, 3.8), r.uniform(0.6, 3.4), r.uniform(-np.pi, np.pi)]
+        self._build(np.asarray(robot, float), np.asarray(cube, float))
+        return self._ego_frame(), self._info(label=0)
+
+    def step(self, action):
+        command = np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0) * MAX_COMMAND
+        cube_before = np.array(self.cube.position)
+        alpha = 1.0 - math.exp(-self.dt / self.tau)
+        self.touching = False
+        for _ in range(self.substeps):
+            self.body_velocity += alpha * (self.gain * command - self.body_velocity)  # first-order response
+            c, s = math.cos(self.robot.angle), math.sin(self.robot.angle)
+            fwd, lat, yaw_rate = self.body_velocity
+            self.control.velocity = (c * fwd - s * lat, s * fwd + c * lat)
+            self.control.angular_velocity = yaw_rate
+            self.space.step(self.dt)
+        success = self.cube_in_net()
+        progress = np.linalg.norm(cube_before - NET_CENTER) - np.linalg.norm(np.array(self.cube.position) - NET_CENTER)
+        label = 2 if success else int(self.touching and progress > 0.01)
+        reward = 10.0 if success else float(label == 1)
+        return self._ego_frame(), reward, success, False, self._info(label)
+
+    def cube_in_net(self):
+        x, y = self.cube.position
+        return bool(x > NET[0] + CUBE_HALF and NET[2] < y < NET[3])
+
+    def _info(self, label):
+        robot = np.array([*self.robot.position, self.robot.angle], dtype=np.float32)
+        cube = np.array([*self.cube.position, self.cube.angle], dtype=np.float32)
+        return {
+            "state": np.concatenate([robot, cube]),
+            "robot_pose": robot,
+            "cube_pose": cube,
+            "is_success": self.cube_in_net(),
+            "label": label,
+            "contact": self.touching,
+        }
+
+    # -- rendering -----------------------------------------------------------------------------------
+    def _draw(self, img, A, b, thickness):
+        """Draw the scene into `img` through the affine map world metres -> pixels, p -> A p + b."""
+        bodies = [[body.local_to_world(v) for v in next(iter(body.shapes)).get_vertices()]
+                  for body in (self.cube, self.robot)]
+        pts = np.concatenate([SCENE_POINTS, np.array(bodies[0] + bodies[1])]) @ A.T + b
+        pts = np.round(pts * 16).astype(np.int32)  # 4 bits of sub-pixel precision (shift=4)
+        cv2.fillPoly(img, [pts[0:4]], EGO_COLORS["floor"], cv2.LINE_AA, 4)
+        cv2.fillPoly(img, [pts[4:8]], EGO_COLORS["net"], cv2.LINE_AA, 4)
+        for i, color in zip(range(8, 20, 2), SCENE_LINE_COLORS):
+            cv2.line(img, tuple(pts[i]), tuple(pts[i + 1]), color, thickness, cv2.LINE_AA, 4)
+        n = len(bodies[0])
+        cv2.fillPoly(img, [pts[20:20 + n]], EGO_COLORS["cube"], cv2.LINE_AA, 4)
+        cv2.fillPoly(img, [pts[20 + n:]], EGO_COLORS["robot"], cv2.LINE_AA, 4)
+
+    def _ego_frame(self):
+        yaw = self.robot.angle
+        # robot frame, heading up: image x grows to the robot's right, image y grows backwards
+        A = -self.px_per_m * np.array([[-math.sin(yaw), math.cos(yaw)], [math.cos(yaw), math.sin(yaw)]])
+        img = np.zeros((self.obs_size, self.obs_size, 3), np.uint8)
+        self._draw(img, A, self.cam - A @ np.array(self.robot.position), max(1, round(0.06 * self.px_per_m)))
+        img[~self.fov_mask] = 0
+        return img
+
+    def render(self):
+        """Top-down view of the whole room with the camera's field of view, for videos."""
+        scale = 256 / ROOM_W
+        size = (int(ROOM_H * scale), 256)
+        img = np.zeros((*size, 3), np.uint8)
+        self._draw(img, np.diag([scale, -scale]), np.array([0.0, ROOM_H * scale]), 2)
+        x, y, yaw = *self.robot.position, self.robot.angle
+        for side in (-1, 1):
+            end = (x + 1.5 * math.cos(yaw + side * self.fov), y + 1.5 * math.sin(yaw + side * self.fov))
+            cv2.line(img, (int(x * scale), int((ROOM_H - y) * scale)),
+                     (int(end[0] * scale), int((ROOM_H - end[1]) * scale)), (255, 255, 0), 1, cv2.LINE_AA)
+        return img
+
+
+def push_cube_demonstrator(env: EgoPushCubeEnv, rng: np.random.Generator, noise: float = 0.25):
+    """Scripted, privileged operator: go behind the cube (seen from the net), face the net, push.
+
+    Noisy (Ornstein-Uhlenbeck noise on the command, occasional pauses) and imperfect, like human
+    demonstrations: it cuts corners around the cube and sometimes knocks it off line.
+    """
+    ou = np.zeros(3)
+    pause = 0
+
+    def act(obs, info):
+        nonlocal ou, pause
+        x, y, yaw = info["robot_pose"]
+        robot, cube = np.array([x, y]), info["cube_pose"][:2].astype(float)
+        push_dir = (NET_CENTER - cube) / (np.linalg.norm(NET_CENTER - cube) + 1e-6)
+        behind = cube - push_dir * (CUBE_HALF + ROBOT_SIZE[0] / 2 + 0.12)
+        rel = robot - cube
+        along, across = rel @ push_dir, rel @ np.array([-push_dir[1], push_dir[0]])
+        if along < -0.2 and abs(across) < 0.12:  # lined up behind the cube: push through it to the net
+            target, heading = NET_CENTER + push_dir, math.atan2(*push_dir[::-1])
+        else:
+            target = behind
+            if along > -0.3 and abs(across) < 0.5:  # on the wrong side: go round the cube first
+                side = np.sign(across) if across != 0 else 1.0
+                target = cube + 0.65 * side * np.array([-push_dir[1], push_dir[0]]) - 0.3 * push_dir
+            to = target - robot
+            heading = math.atan2(to[1], to[0]) if np.linalg.norm(to) > 0.3 else math.atan2(*push_dir[::-1])
+        c, s = math.cos(yaw), math.sin(yaw)
+        error = target - robot
+        body_err = np.array([c * error[0] + s * error[1], -s * error[0] + c * error[1]])
+        yaw_err = (heading - yaw + np.pi) % (2 * np.pi) - np.pi
+        command = np.array([1.5 * body_err[0], 1.5 * body_err[1], 2.0 * yaw_err]) / MAX_COMMAND
+        command[:2] *= max(0.0, math.cos(yaw_err))  # turn before driving
+        ou = 0.8 * ou + noise * rng.normal(size=3)
+        if pause > 0 or rng.random() < 0.02:
+            pause = pause - 1 if pause > 0 else int(rng.integers(2, 6))
+            command = np.zeros(3)
+        return np.clip(command + ou, -1, 1).astype(np.float32)
+
+    return act
+
+
+def push_cube_play_policy(env: EgoPushCubeEnv, rng: np.random.Generator):
+    """High-entropy play: wandering (smooth random commands), pushing the cube in random directions, and
+    bouts of the demonstrator, switched every few seconds."""
+    demo = push_cube_demonstrator(env, rng, noise=0.4)
+    noise, mode, steps_left, aim = np.zeros(3), "wander", 0, np.zeros(2)
+
+    def act(obs, info):
+        nonlocal noise, mode, steps_left, aim
+        if steps_left <= 0:
+            mode = rng.choice(["wander", "push", "demo"], p=[0.35, 0.4, 0.25])
+            steps_left = int(rng.integers(8, 30))
+            aim = rng.normal(0.0, 0.3, 2)
+        steps_left -= 1
+        noise = 0.8 * noise + 0.35 * rng.normal(size=3)
+        if mode == "demo":
+            return demo(obs, info)
+        if mode == "wander":
+            return np.clip(noise + np.array([0.3, 0.0, 0.0]), -1, 1).astype(np.float32)
+        x, y, yaw = info["robot_pose"]
+        to = info["cube_pose"][:2] + aim - np.array([x, y])
+        yaw_err = (math.atan2(to[1], to[0]) - yaw + np.pi) % (2 * np.pi) - np.pi
+        command = np.array([0.9 * math.cos(yaw_err), 0.0, 2.0 * yaw_err / MAX_COMMAND[2]])
+        return np.clip(command + 0.5 * noise, -1, 1).astype(np.float32)
+
+    return act
+
+
+def push_cube_metrics(robot_poses: np.ndarray) -> dict:
+    """Paper Table 1 on one episode's (T, 3) robot poses: straightness = displacement / path length,
+    curvature = total |yaw change| per metre travelled."""
+    xy, yaw = robot_poses[:, :2], robot_poses[:, 2]
+    path = float(np.linalg.norm(np.diff(xy, axis=0), axis=1).sum())
+    turn = float(np.abs((np.diff(yaw) + np.pi) % (2 * np.pi) - np.pi).sum())
+    return {"straightness": float(np.linalg.norm(xy[-1] - xy[0])) / max(path, 1e-6), "curvature": turn / max(path, 1e-6)}
+
+
+gym.register("PushT-v0", entry_point=PushTEnv, max_episode_steps=200)
+gym.register("EgoPushCube-v0", entry_point=EgoPushCubeEnv, max_episode_steps=200)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data files
+# ----------------------------------------------------------------------------------------------------
+class DatasetError(ValueError):
+    """A data file that does not follow the format; the message names the file and the key."""
+
+
+def validate_dataset(data: dict, path: str = "<memory>") -> None:
+    def fail(key, msg):
+        raise DatasetError(f"{path}: key '{key}': {msg}")
+
+    for key in ("obs", "action", "is_first"):
+        if key not in data:
+            fail(key, "missing (required keys: obs, action, is_first)")
+    obs, action, is_first = data["obs"], data["action"], data["is_first"]
+    if obs.dtype != np.uint8 or obs.ndim != 4 or obs.shape[-1] != 3:
+        fail("obs", f"expected uint8 [N, H, W, 3], got {obs.dtype} {list(obs.shape)}")
+    n = len(obs)
+    if n == 0:
+        fail("obs", "no frames (empty episode)")
+    if action.dtype != np.float32 or action.ndim != 2 or len(action) != n:
+        fail("action", f"expected float32 [{n}, A], got {action.dtype} {list(action.shape)}")
+    if not np.isfinite(action).all() or np.abs(action).max() > 1.0 + 1e-6:
+        i = int(np.argmax(np.where(np.isfinite(action), np.abs(action), np.inf).max(axis=1)))
+        fail("action", f"values outside [-1, 1] (row {i}: {action[i].tolist()})")
+    if is_first.dtype != np.bool_ or is_first.shape != (n,):
+        fail("is_first", f"expected bool [{n}], got {is_first.dtype} {list(is_first.shape)}")
+    if not is_first[0]:
+        fail("is_first", "the first frame must start an episode")
+    starts = np.flatnonzero(is_first)
+    lengths = np.diff(np.append(starts, n))
+    if lengths.min() < 2:
+        k = int(np.argmin(lengths))
+        fail("is_first", f"episode {k} (frame {starts[k]}) has {lengths[k]} frame; an episode needs >= 2")
+    optional = {"reward_label": "ifub", "is_demo": "b", "state": "f"}
+    for key, kinds in optional.items():
+        if key in data:
+            v = data[key]
+            if v.dtype.kind not in kinds or len(v) != n or v.ndim != (2 if key == "state" else 1):
+                fail(key, f"wrong dtype or shape {v.dtype} {list(v.shape)} for {n} frames")
+
+
+def save_dataset(path: str, data: dict) -> None:
+    """Validate, then write atomically (a temporary file, then os.replace), compressed."""
+    validate_dataset(data, path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, **data)
+    os.replace(tmp, path)
+
+
+def load_dataset(path: str) -> dict:
+    """Load and validate a data file; any problem is a DatasetError naming the file and the key."""
+    if not os.path.isfile(path):
+        raise DatasetError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            data = {k: f[k] for k in f.files}
+    except Exception as e:  # truncated or not an npz at all
+        raise DatasetError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    validate_dataset(data, path)
+    return data
+
+
+def episode_bounds(is_first: np.ndarray) -> list:
+    """[(start, end), ...] of the episodes in a data file (end exclusive)."""
+    starts = np.flatnonzero(is_first)
+    return list(zip(starts.tolist(), np.append(starts[1:], len(is_first)).tolist()))
+
+
+def record_episode(env, policy, max_frames: int, seed: int):
+    """Run `policy` for one episode (at most `max_frames` frames). Returns the frames' records and
+    whether the episode ended in success. The last frame gets a zero action: no frame of the same
+    episode follows it, so that action is never part of a transition."""
+    def record(obs, info, action):
+        return {"obs": obs, "action": action, "label": info.get("label", 0), "state": info["state"],
+                "contact": info["contact"]}
+
+    obs, info = env.reset(seed=seed)
+    frames = []
+    while True:
+        action = policy(obs, info)
+        frames.append(record(obs, info, action))
+        if len(frames) == max_frames:
+            break
+        obs, _, terminated, truncated, info = env.step(action)
+        if terminated or truncated:  # keep the final frame: it may be the success frame
+            frames.append(record(obs, info, action))
+            break
+    frames[-1]["action"] = np.zeros_like(action)
+    return frames, bool(info["is_success"])
+
+
+def collect(env_id: str, steps: int, seed: int = 0, demo_fraction: float = 0.0, verbose: bool = True) -> dict:
+    """Record `steps` frames from the simulator: play episodes, and scripted demonstrations for a
+    `demo_fraction` of the frames (EgoPushCube-v0 only)."""
+    if demo_fraction > 0 and env_id != "EgoPushCube-v0":
+        raise ValueError(f"no scripted demonstrator for {env_id}; demonstrations exist for EgoPushCube-v0")
+    env = gym.make(env_id)
+    rng = np.random.default_rng(seed)
+    play = pusht_play_policy if env_id == "PushT-v0" else push_cube_play_policy
+    episodes, is_demo, demo_stats = [], [], [0, 0]
+    n = demo_n = 0
+    while n < steps:
+        demo = demo_fraction > 0 and demo_n <= demo_fraction * n
+        policy = (push_cube_demonstrator if demo else play)(env.unwrapped, rng)
+        frames, success = record_episode(env, policy, min(steps - n, 10**9), seed + len(episodes))
+        if len(frames) < 2:  # the budget ran out on an episode's first frame: end on the previous episode
+            break
+        episodes.append(frames)
+        is_demo += [demo] * len(frames)
+        n += len(frames)
+        if demo:
+            demo_n += len(frames)
+            demo_stats[0] += 1
+            demo_stats[1] += success
+    frames = [f for ep in episodes for f in ep]
+    data = {
+        "obs": np.stack([f["obs"] for f in frames]),
+        "action": np.stack([f["action"] for f in frames]).astype(np.float32),
+        "is_first": np.concatenate([np.arange(len(ep)) == 0 for ep in episodes]),
+        "is_demo": np.array(is_demo, bool),
+        "state": np.stack([f["state"] for f in frames]).astype(np.float32),
+        "env_id": np.array(env_id), "control_hz": np.array(CONTROL_HZ), "format_version": np.array(FORMAT_VERSION),
+    }
+    if env_id == "EgoPushCube-v0":
+        data["reward_label"] = np.array([f["label"] for f in frames], np.int64)
+    if verbose:
+        contact = np.mean([f["contact"] for f in frames])
+        demos = f"; {demo_stats[0]} demonstrations, {demo_stats[1]} successful" if demo_fraction > 0 else ""
+        print(f"collected {len(frames)} frames in {len(episodes)} episodes of {env_id}; "
+              f"the robot touches the object in {contact:.1%} of frames{demos}")
+    return data
+
+
+def write_video(path: str, frames, fps: float = CONTROL_HZ, scale: int = 4) -> None:
+    """Write RGB uint8 frames (T, H, W, 3) to an mp4 file, upscaled `scale` times (nearest)."""
+    frames = np.asarray(frames)
+    h, w = frames.shape[1] * scale, frames.shape[2] * scale
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    if not writer.isOpened():
+        raise OSError(f"{path}: OpenCV cannot open an mp4 writer")
+    for frame in frames:
+        writer.write(cv2.cvtColor(cv2.resize(frame, (w, h), interpolation=cv2.INTER_NEAREST), cv2.COLOR_RGB2BGR))
+    writer.release()
+
+
+def summarize(data: dict) -> str:
+    n, bounds = len(data["obs"]), episode_bounds(data["is_first"])
+    lengths = [e - s for s, e in bounds]
+    lines = [
+        f"env_id {data['env_id'] if 'env_id' in data else '?'}, {n} frames {list(data['obs'].shape[1:])} "
+        f"at {float(data['control_hz']) if 'control_hz' in data else '?'} Hz",
+        f"{len(bounds)} episodes, length min {min(lengths)} / mean {np.mean(lengths):.1f} / max {max(lengths)}",
+        f"action dim {data['action'].shape[1]}, mean {np.round(data['action'].mean(0).astype(float), 3).tolist()}, "
+        f"std {np.round(data['action'].std(0).astype(float), 3).tolist()}",
+    ]
+    if "is_demo" in data:
+        lines.append(f"demonstration frames {data['is_demo'].mean():.1%}")
+    if "reward_label" in data:
+        values, counts = np.unique(data["reward_label"], return_counts=True)
+        lines.append("reward_label counts " + ", ".join(f"{v}: {c}" for v, c in zip(values.tolist(), counts)))
+    lines.append("keys " + ", ".join(f"{k} {data[k].dtype}{list(data[k].shape)}" for k in data))
+    return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class Collect:
+    """Collect play data (or demonstrations) from a simulator into a data file."""
+
+    env_id: Annotated[str, tyro.conf.Positional]
+    """PushT-v0 or EgoPushCube-v0"""
+    steps: int = 10_000
+    """number of frames to record"""
+    out: str = "data/play.npz"
+    """output .npz file"""
+    demos: bool = False
+    """record only scripted demonstrations (EgoPushCube-v0)"""
+    demo_fraction: float = -1.0
+    """fraction of frames from demonstrations in play data (-1: 0.25 for EgoPushCube-v0, 0 for PushT-v0)"""
+    seed: int = 0
+    """seed of the policies and of the episodes' initial states"""
+
+
+@dataclasses.dataclass
+class Check:
+    """Validate a data file and print a summary; exit 1 with one line if it is not valid."""
+
+    path: Annotated[str, tyro.conf.Positional]
+    """the .npz file"""
+
+
+def main(argv=None) -> int:
+    cmd = tyro.extras.subcommand_cli_from_dict({"collect": Collect, "check": Check}, args=argv)
+    try:
+        if isinstance(cmd, Check):
+            print(summarize(load_dataset(cmd.path)))
+            return 0
+        if cmd.env_id not in ("PushT-v0", "EgoPushCube-v0"):
+            raise ValueError(f"unknown env_id {cmd.env_id!r} (PushT-v0 or EgoPushCube-v0)")
+        fraction = 1.0 if cmd.demos else cmd.demo_fraction
+        if fraction < 0:
+            fraction = 0.25 if cmd.env_id == "EgoPushCube-v0" else 0.0
+        save_dataset(cmd.out, collect(cmd.env_id, cmd.steps, cmd.seed, fraction))
+        print(f"wrote {cmd.out}")
+        return 0
+    except (DatasetError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

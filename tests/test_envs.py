@@ -1,0 +1,276 @@
+import os
+import subprocess
+import sys
+
+import cv2
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import envs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def rollout(env_id, seed, steps=15, **kwargs):
+    env = gym.make(env_id, **kwargs)
+    rng = np.random.default_rng(seed)
+    obs, info = env.reset(seed=seed)
+    frames, states = [obs], [info["state"]]
+    for _ in range(steps):
+        obs, _, terminated, truncated, info = env.step(rng.uniform(-1, 1, env.action_space.shape).astype(np.float32))
+        frames.append(obs)
+        states.append(info["state"])
+    return np.stack(frames), np.stack(states)
+
+
+@pytest.mark.parametrize("env_id", ["PushT-v0", "EgoPushCube-v0"])
+def test_same_seed_same_frames(env_id):
+    a, sa = rollout(env_id, seed=3)
+    b, sb = rollout(env_id, seed=3)
+    c, _ = rollout(env_id, seed=4)
+    assert a.shape == (16, 64, 64, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(sa, sb)
+    assert not np.array_equal(a, c)
+
+
+def test_pusht_velocity_command_moves_agent_by_v_dt():
+    env = gym.make("PushT-v0")
+    _, info = env.reset(options={"state": [256, 100, 380, 250, 0.0]})  # block far from the agent
+    _, _, _, _, info2 = env.step(np.array([0.5, -0.25], np.float32))
+    dt = 1 / envs.CONTROL_HZ
+    np.testing.assert_allclose(info2["state"][:2] - info["state"][:2], [0.5 * 200 * dt, -0.25 * 200 * dt], atol=1e-3)
+    np.testing.assert_array_equal(info2["state"][2:], info["state"][2:])  # no contact, block untouched
+    # at the wall the tool stops at the wall instead of leaving the table
+    _, info = env.reset(options={"state": [30, 256, 300, 300, 0.0]})
+    _, _, _, _, info2 = env.step(np.array([-1.0, 0.0], np.float32))
+    assert info2["state"][0] == pytest.approx(env.unwrapped.agent_bounds[0])
+
+
+def test_pusht_goal_pose_scores_success():
+    env = gym.make("PushT-v0")
+    goal = envs.PushTEnv.goal_pose
+    _, info = env.reset(options={"state": [256, 400, *goal]})
+    assert info["coverage"] > 0.999
+    _, reward, terminated, _, info = env.step(np.zeros(2, np.float32))
+    assert terminated and info["is_success"] and reward == 1.0
+    # gym-pusht's own order (position, then angle) misplaces the block: the reason envs.py sets the angle first
+    sim = env.unwrapped.sim
+    sim._setup()
+    sim.block.position = tuple(goal[:2])
+    sim.block.angle = goal[2]
+    sim.space.step(0.01)
+    assert sim._get_coverage() < 0.5
+    image = envs.pusht_goal_image()
+    assert image.shape == (64, 64, 3)
+    green = np.all(np.abs(image.astype(int) - envs.PUSHT_COLORS["goal"]) < 30, axis=-1)
+    assert green.sum() < 10  # the block covers the green goal T
+
+
+def test_pusht_pushing_moves_block_and_contact_is_reported():
+    env = gym.make("PushT-v0")
+    _, info = env.reset(options={"state": [256, 150, 256, 300, 0.0]})
+    contact = False
+    for _ in range(8):
+        _, _, _, _, new = env.step(np.array([0.0, 1.0], np.float32))
+        contact |= new["contact"]
+    assert contact
+    assert new["state"][3] > info["state"][3] + 20  # the T was pushed along +y
+
+
+def orange_pixels(obs):
+    return np.all(np.abs(obs.astype(int) - envs.EGO_COLORS["cube"]) < 40, axis=-1).sum()
+
+
+def test_ego_cube_behind_robot_is_not_visible():
+    env = gym.make("EgoPushCube-v0")
+    ahead, _ = env.reset(options={"robot_pose": [2.0, 2.0, 0.0], "cube_pose": [2.9, 2.1, 0.3]})
+    behind, _ = env.reset(options={"robot_pose": [2.0, 2.0, 0.0], "cube_pose": [1.2, 2.0, 0.3]})
+    beside, _ = env.reset(options={"robot_pose": [2.0, 2.0, 0.0], "cube_pose": [2.1, 2.8, 0.3]})
+    assert orange_pixels(ahead) > 15
+    assert orange_pixels(behind) == 0
+    assert orange_pixels(beside) == 0  # outside the +-55 degree field of view
+    # turning around brings the cube behind into view
+    turned, _ = env.reset(options={"robot_pose": [2.0, 2.0, np.pi], "cube_pose": [1.2, 2.0, 0.3]})
+    assert orange_pixels(turned) > 15
+
+
+def drive(controller, action, steps):
+    env = gym.make("EgoPushCube-v0", controller=controller)
+    _, info = env.reset(options={"robot_pose": [1.0, 2.0, 0.0], "cube_pose": [4.0, 0.5, 0.0]})
+    poses = [info["robot_pose"]]
+    for _ in range(steps):
+        _, _, _, _, info = env.step(np.asarray(action, np.float32))
+        poses.append(info["robot_pose"])
+    return np.stack(poses)
+
+
+def test_ego_velocity_command_first_order_response():
+    poses = drive("default", [1.0, 0.0, 0.0], 8)
+    step = np.diff(poses[:, 0])
+    assert step[0] < step[-1]  # accelerates from rest
+    assert step[-1] == pytest.approx(envs.MAX_COMMAND[0] / envs.CONTROL_HZ, rel=0.02)  # steady state: v * dt
+    assert np.abs(poses[:, 1] - 2.0).max() < 1e-3 and np.abs(poses[:, 2]).max() < 1e-3  # straight ahead
+    turn = drive("default", [0.0, 0.0, 0.5], 8)
+    assert np.diff(turn[:, 2])[-1] == pytest.approx(0.5 * envs.MAX_COMMAND[2] / envs.CONTROL_HZ, rel=0.02)
+
+
+def test_ego_alt_controller_responds_differently():
+    default, alt = drive("default", [1.0, 0.0, 0.3], 6), drive("alt", [1.0, 0.0, 0.3], 6)
+    assert np.abs(default - alt).max() > 0.05
+    assert np.diff(alt[:2, 0])[0] < np.diff(default[:2, 0])[0]  # the alt controller lags more
+    with pytest.raises(ValueError, match="controller"):
+        gym.make("EgoPushCube-v0", controller="nope")
+
+
+def test_ego_labels_push_and_success():
+    env = gym.make("EgoPushCube-v0")
+    # robot lined up behind the cube, facing the net: driving forward pushes the cube toward the goal
+    _, _ = env.reset(options={"robot_pose": [3.0, 2.0, 0.0], "cube_pose": [3.5, 2.0, 0.0]})
+    labels, rewards = [], []
+    for _ in range(15):
+        _, reward, terminated, _, info = env.step(np.array([1.0, 0.0, 0.0], np.float32))
+        labels.append(info["label"])
+        rewards.append(reward)
+        if terminated:
+            break
+    assert 1 in labels and labels[-1] == 2 and info["is_success"] and rewards[-1] == 10.0
+    # pushing away from the goal is not labelled as progress
+    _, _ = env.reset(options={"robot_pose": [3.0, 2.0, np.pi], "cube_pose": [2.5, 2.0, 0.0]})
+    labels = [env.step(np.array([1.0, 0.0, 0.0], np.float32))[4]["label"] for _ in range(6)]
+    assert labels == [0] * 6
+
+
+def test_push_cube_metrics():
+    line = np.stack([np.linspace(0, 2, 11), np.zeros(11), np.zeros(11)], 1)
+    m = envs.push_cube_metrics(line)
+    assert m["straightness"] == pytest.approx(1.0) and m["curvature"] == pytest.approx(0.0)
+    t = np.linspace(0, np.pi / 2, 200)  # quarter circle of radius 1, heading along the tangent
+    arc = np.stack([np.sin(t), 1 - np.cos(t), t], 1)
+    m = envs.push_cube_metrics(arc)
+    assert m["straightness"] == pytest.approx(np.sqrt(2) / (np.pi / 2), rel=1e-3)
+    assert m["curvature"] == pytest.approx(1.0, rel=1e-3)  # 1 rad per metre on a unit circle
+
+
+# -- data files ---------------------------------------------------------------------------------------
+def small_dataset(n=10, a=2):
+    first = np.zeros(n, bool)
+    first[[0, 5]] = True
+    return {"obs": np.zeros((n, 64, 64, 3), np.uint8), "action": np.zeros((n, a), np.float32), "is_first": first,
+            "env_id": np.array("PushT-v0"), "control_hz": np.array(5.0), "format_version": np.array(1)}
+
+
+def test_dataset_round_trip(tmp_path):
+    data = envs.collect("EgoPushCube-v0", 40, seed=1, demo_fraction=0.5, verbose=False)
+    path = str(tmp_path / "d.npz")
+    envs.save_dataset(path, data)
+    loaded = envs.load_dataset(path)
+    assert set(loaded) == set(data)
+    for k in data:
+        np.testing.assert_array_equal(loaded[k], data[k])
+        assert loaded[k].dtype == data[k].dtype
+    assert not any(f.startswith("d.npz.tmp") for f in os.listdir(tmp_path))
+
+
+BAD = {
+    "missing obs": (lambda d: d.pop("obs"), "'obs'.*missing"),
+    "missing action": (lambda d: d.pop("action"), "'action'.*missing"),
+    "missing is_first": (lambda d: d.pop("is_first"), "'is_first'.*missing"),
+    "obs dtype": (lambda d: d.update(obs=d["obs"].astype(np.float32)), "'obs'.*uint8"),
+    "obs shape": (lambda d: d.update(obs=d["obs"][..., 0]), "'obs'"),
+    "action dtype": (lambda d: d.update(action=d["action"].astype(np.float64)), "'action'.*float32"),
+    "action length": (lambda d: d.update(action=d["action"][:-1]), "'action'"),
+    "action range": (lambda d: d["action"].__setitem__((3, 1), 1.5), "'action'.*outside.*row 3"),
+    "action nan": (lambda d: d["action"].__setitem__((2, 0), np.nan), "'action'.*outside.*row 2"),
+    "is_first dtype": (lambda d: d.update(is_first=d["is_first"].astype(np.int64)), "'is_first'.*bool"),
+    "is_first start": (lambda d: d["is_first"].__setitem__(0, False), "'is_first'.*first frame"),
+    "one-frame episode": (lambda d: d["is_first"].__setitem__(6, True), "'is_first'.*episode 1"),
+    "empty": (lambda d: d.update(obs=d["obs"][:0], action=d["action"][:0], is_first=d["is_first"][:0]),
+              "'obs'.*empty episode"),
+    "state dtype": (lambda d: d.update(state=np.zeros((10, 5), np.uint8)), "'state'"),
+    "is_demo length": (lambda d: d.update(is_demo=np.zeros(9, bool)), "'is_demo'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_dataset_validation_errors(tmp_path, case):
+    data = small_dataset()
+    corrupt, pattern = BAD[case]
+    corrupt(data)
+    path = str(tmp_path / "bad.npz")
+    with open(path, "wb") as f:
+        np.savez(f, **data)
+    with pytest.raises(envs.DatasetError, match=pattern) as e:
+        envs.load_dataset(path)
+    assert path in str(e.value) and "\n" not in str(e.value)
+    # save_dataset refuses the same data and leaves an existing file alone
+    good = str(tmp_path / "good.npz")
+    envs.save_dataset(good, small_dataset())
+    before = open(good, "rb").read()
+    with pytest.raises(envs.DatasetError):
+        envs.save_dataset(good, data)
+    assert open(good, "rb").read() == before
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(envs.DatasetError, match="no such file"):
+        envs.load_dataset(str(tmp_path / "missing.npz"))
+    path = tmp_path / "cut.npz"
+    envs.save_dataset(str(path), small_dataset())
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(envs.DatasetError, match="not a readable .npz"):
+        envs.load_dataset(str(path))
+
+
+def test_collectors_write_valid_data():
+    play = envs.collect("PushT-v0", 300, seed=0, verbose=False)
+    envs.validate_dataset(play)
+    assert len(play["obs"]) == 300 and play["action"].shape == (300, 2) and play["state"].shape == (300, 5)
+    assert play["is_first"][0] and not play["is_demo"].any()
+    # high-entropy play: actions spread over the action box, and the tool often touches the T
+    assert play["action"].std(0).min() > 0.3
+    assert (play["action"][~np.roll(play["is_first"], -1)] == 0).all(axis=1).mean() < 0.05
+    demos = envs.collect("EgoPushCube-v0", 200, seed=0, demo_fraction=1.0, verbose=False)
+    envs.validate_dataset(demos)
+    assert demos["is_demo"].all() and demos["state"].shape == (200, 6)
+    assert set(np.unique(demos["reward_label"])) <= {0, 1, 2} and (demos["reward_label"] == 1).any()
+    starts = np.flatnonzero(demos["is_first"])
+    ends = np.append(starts[1:], 200) - 1
+    np.testing.assert_array_equal(demos["action"][ends[:-1]], 0)  # an episode's last frame has no action
+    with pytest.raises(ValueError, match="demonstrator"):
+        envs.collect("PushT-v0", 10, demo_fraction=0.5)
+
+
+def test_play_data_touches_the_object(capsys):
+    envs.collect("PushT-v0", 400, seed=1)
+    envs.collect("EgoPushCube-v0", 400, seed=1, demo_fraction=0.25)
+    out = capsys.readouterr().out.splitlines()
+    fractions = [float(line.split("touches the object in ")[1].split("%")[0]) for line in out]
+    assert all(f > 15 for f in fractions), out
+
+
+def test_write_video(tmp_path):
+    frames = np.random.default_rng(0).integers(0, 255, (7, 64, 64, 3), dtype=np.uint8)
+    path = str(tmp_path / "v.mp4")
+    envs.write_video(path, frames, scale=2)
+    cap = cv2.VideoCapture(path)
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 7 and int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)) == 128
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "envs.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_collect_and_check(tmp_path):
+    out = str(tmp_path / "p.npz")
+    r = run_cli("collect", "PushT-v0", "--steps", "30", "--out", out)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("check", out)
+    assert r.returncode == 0 and "30 frames" in r.stdout
+    with open(out, "r+b") as f:
+        f.truncate(100)
+    r = run_cli("check", out)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and out in r.stderr
+    r = run_cli("collect", "Nope-v0", "--steps", "5", "--out", out)
+    assert r.returncode == 1 and "unknown env_id" in r.stderr
