@@ -1,0 +1,1150 @@
+"""DMO-SAPO with a DIAMOND global world model on Push-T (seed 000: "Coupled Local and Global World Models for
+Efficient First Order RL", Algorithm 1 in appendix A.4, hyperparameters in Table 4).
+
+The policy is trained entirely inside learned models and deployed zero-shot in the simulator:
+  1. play data (PushT-v0, 5 Hz, 64x64 frames);
+  2. the global forward model f->: a DIAMOND EDM denoiser conditioned on 4 past frames and actions;
+  3. the global reward model r: a contrastive goal-conditioned energy f_psi(s_t | s_start, s_goal) (Rank2Reward);
+  4. the local backward model f<-: the DreamerV3 RSSM of rssm.py, pretrained on the play data with rewards from r;
+  5. DMO-SAPO: DIAMOND makes the next frame, the RSSM gives the gradient (decoupled forward/backward), SAPO
+     updates actor, critic and temperature; DIAMOND's trajectories fine-tune the RSSM every epoch;
+  6. zero-shot evaluation in PushT-v0 -> eval.json.
+
+    python dmo_sapo_diamond.py --seed 1                   # `default` preset: 2-core CPU, about an hour
+    python dmo_sapo_diamond.py --seed 1 --preset tiny     # the whole pipeline in about a minute
+    python dmo_sapo_diamond.py --seed 1 --preset paper --cuda   # Table 4 sizes (GPU)
+    python dmo_sapo_diamond.py --seed 1 --forward-model rssm    # ablation "No Diffusion"
+    python dmo_sapo_diamond.py --seed 1 --no-rssm-finetune      # ablation "No RSSM Finetuning"
+"""
+
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import cv2
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+import envs
+from rssm import RSSM, RSSMConfig
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    preset: Literal["tiny", "default", "paper"] = "default"
+    """sizes and budgets (PRESETS below); flags given on the command line override the preset"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """`torch.backends.cudnn.deterministic = True`"""
+    cuda: bool = False
+    """use CUDA if available"""
+    capture_video: bool = True
+    """write videos (imagined vs real rollouts, evaluation episodes) to the run directory"""
+    save_model: bool = True
+    """write checkpoints to the run directory"""
+    runs_dir: str = "runs"
+    """where run directories are created"""
+    resume: Optional[str] = None
+    """a run directory to continue: finished stages are loaded, the interrupted one continues from its checkpoint"""
+    stop_after: Optional[Literal["world_model", "reward_model", "rssm"]] = None
+    """stop after this stage (its checkpoint is written); continue later with --resume"""
+
+    # Play data
+    env_id: str = "PushT-v0"
+    """the simulator that stands in for the robot"""
+    data_dir: str = "data"
+    """play data lives at {data_dir}/{env_id}_play.npz, collected from the simulator when missing"""
+    data_path: Optional[str] = None
+    """any play-data file of the format in README (e.g. recorded on a real robot); overrides data_dir"""
+    play_steps: int = 30_000
+    """frames of play to collect when no file exists (paper: 4 h at 5 Hz = 72k)"""
+    img_size: int = 32
+    """frame resolution of every model (the paper: 64; frames are area-resized from the data file)"""
+
+    # Global world model f-> (DIAMOND)
+    wm_checkpoint: Optional[str] = None
+    """a trained world model (world_model.pt); skips its training"""
+    wm_channels: list[int] = field(default_factory=lambda: [32, 32, 32])
+    """UNet channels per level"""
+    wm_depths: list[int] = field(default_factory=lambda: [1, 1, 1])
+    """residual blocks per UNet level"""
+    wm_cond_channels: int = 128
+    """size of the noise-and-action conditioning vector of the adaptive GroupNorms"""
+    wm_context: int = 4
+    """past frames and actions the denoiser is conditioned on"""
+    wm_denoising_steps: int = 3
+    """Euler steps of the sampler"""
+    wm_steps: int = 3000
+    """training steps"""
+    wm_batch_size: int = 16
+    """training batch size"""
+    wm_lr: float = 1e-4
+    """AdamW learning rate (100-step linear warm-up, weight decay 1e-2, grad clip 1)"""
+    wm_ar_steps: int = 1
+    """extra training steps conditioned on the model's own prediction (as the DIAMOND code does)"""
+
+    # Global reward model r (Rank2Reward)
+    reward_checkpoint: Optional[str] = None
+    """a trained reward model (reward_model.pt); skips its training"""
+    reward_steps: int = 2000
+    """training steps"""
+    reward_batch_size: int = 64
+    """pairs per training step"""
+    reward_lr: float = 3e-4
+    """Adam learning rate"""
+    reward_max_segment: int = 64
+    """longest play segment (frames) whose first/last frames serve as s_start/s_goal in training"""
+
+    # Local model f<- (DreamerV3 RSSM)
+    rssm_checkpoint: Optional[str] = None
+    """a pretrained RSSM (rssm.pt); skips its pretraining"""
+    rssm_size: Literal["tiny", "small", "push_t", "push_cube"] = "small"
+    """RSSM size (rssm.presets; Table 4 Push-T = push_t)"""
+    rssm_pretrain_steps: int = 1500
+    """offline pretraining steps on the play data"""
+    rssm_batch_size: int = 16
+    """sequences per batch"""
+    rssm_seq_len: int = 32
+    """frames per sequence (Table 4: 64)"""
+    rssm_lr: float = 1e-4
+    """Adam learning rate"""
+    rssm_finetune_steps: int = 4
+    """fine-tuning steps per epoch on the global model's trajectories"""
+    no_rssm_finetune: bool = False
+    """ablation "No RSSM Finetuning": keep the pretrained RSSM fixed during RL"""
+    replay_size: int = 1_000_000
+    """FIFO replay of global-model frames for RSSM fine-tuning (Table 4: 1e6)"""
+
+    # DMO-SAPO actor-critic
+    forward_model: Literal["diamond", "rssm"] = "diamond"
+    """who generates the forward trajectory: DIAMOND, or the RSSM itself (ablation "No Diffusion")"""
+    epochs: int = 300
+    """epochs of Algorithm 1 (each: RSSM fine-tuning, one horizon of num_envs rollouts, actor/critic updates)"""
+    num_envs: int = 32
+    """parallel imagined rollouts (Table 4: 128)"""
+    horizon: int = 16
+    """steps per actor update (Table 4: 16)"""
+    episode_length: int = 64
+    """rollouts continue across horizons for this many steps, then restart from play data"""
+    gamma: float = 0.99
+    """discount"""
+    lam: float = 0.95
+    """TD(lambda) for the critic targets"""
+    actor_lr: float = 2e-3
+    """actor learning rate (linearly decayed)"""
+    critic_lr: float = 5e-4
+    """critic learning rate (linearly decayed)"""
+    alpha_lr: float = 5e-3
+    """learning rate of log(alpha)"""
+    init_alpha: float = 0.1
+    """initial entropy temperature"""
+    target_entropy: float = -6.0
+    """target entropy of the learned temperature (Table 4)"""
+    betas: tuple[float, float] = (0.7, 0.95)
+    """Adam betas of actor and critic"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clip of actor and critic"""
+    critic_epochs: int = 8
+    """critic mini-epochs per epoch"""
+    critic_minibatch: int = 256
+    """critic minibatch size"""
+    hidden: list[int] = field(default_factory=lambda: [256, 128, 64])
+    """actor and critic MLP sizes (Table 4)"""
+
+    # Evaluation in the simulator
+    eval_episodes: int = 50
+    """final zero-shot evaluation episodes"""
+    eval_every: int = 25
+    """epochs between quick evaluations during training (0: never)"""
+    eval_quick_episodes: int = 10
+    """episodes of a quick evaluation"""
+    eval_seed: int = 1_000_000
+    """first evaluation seed; play data uses seeds from 0, so evaluation starts are disjoint from training"""
+
+    # filled in at runtime
+    run_name: str = ""
+    """the run directory's name"""
+
+
+PRESETS = {
+    "tiny": dict(play_steps=1200, wm_channels=[8, 8], wm_depths=[1, 1], wm_cond_channels=16, wm_steps=30,
+                 wm_batch_size=8, reward_steps=30, reward_batch_size=16, rssm_size="tiny", rssm_pretrain_steps=20,
+                 rssm_batch_size=4, rssm_seq_len=16, rssm_finetune_steps=1, epochs=4, num_envs=8, horizon=8,
+                 episode_length=16, critic_epochs=2, critic_minibatch=32, hidden=[32, 32], eval_episodes=2,
+                 eval_every=2, eval_quick_episodes=2),
+    "default": dict(),  # the field defaults above: sized for a 2-core CPU, see README
+    "paper": dict(play_steps=72_000, img_size=64, wm_channels=[64, 64, 64, 64], wm_depths=[4, 4, 4, 4],
+                  wm_cond_channels=256, wm_steps=200_000, wm_batch_size=8, reward_steps=50_000, rssm_size="push_t",
+                  rssm_pretrain_steps=50_000, rssm_seq_len=64, rssm_finetune_steps=20, epochs=4000, num_envs=128,
+                  episode_length=128, eval_episodes=100, eval_every=100),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Play data
+# ----------------------------------------------------------------------------------------------------
+def load_play_data(args, device):
+    """Frames as uint8 (N, 3, S, S), actions (N, A) taken after each frame, is_first (N,), episode ids (N,)."""
+    path = args.data_path or os.path.join(args.data_dir, f"{args.env_id}_play.npz")
+    if not os.path.exists(path) and args.data_path is None:
+        print(f"collecting {args.play_steps} frames of play data into {path}")
+        envs.save_dataset(path, envs.collect(args.env_id, args.play_steps, seed=0))
+    data = envs.load_dataset(path)
+    if data["action"].shape[1] != 2:
+        raise envs.DatasetError(f"{path}: key 'action': Push-T needs 2-d actions, got {data['action'].shape[1]}")
+    obs = data["obs"]
+    if obs.shape[1:3] != (args.img_size, args.img_size):
+        obs = np.stack([cv2.resize(o, (args.img_size, args.img_size), interpolation=cv2.INTER_AREA) for o in obs])
+    is_first = torch.as_tensor(data["is_first"])
+    return {
+        "obs": torch.as_tensor(obs).permute(0, 3, 1, 2).contiguous().to(device),
+        "action": torch.as_tensor(data["action"]).to(device),
+        "is_first": is_first.to(device),
+        "episode": (torch.cumsum(is_first.long(), 0) - 1).to(device),
+        "state": data.get("state"),
+        "path": path,
+    }
+
+
+def window_starts(data, length, episodes=None):
+    """Indices t such that frames t .. t+length-1 lie in one episode (optionally one of `episodes`)."""
+    ep = data["episode"].cpu()
+    n = len(ep)
+    ok = torch.zeros(n, dtype=torch.bool)
+    if n >= length:
+        ok[: n - length + 1] = ep[: n - length + 1] == ep[length - 1:]
+    if episodes is not None:
+        ok &= torch.isin(ep, torch.as_tensor(episodes))
+    return torch.nonzero(ok).squeeze(1)
+
+
+def to_float(frames):
+    """uint8 frames -> float in [-1, 1] (DIAMOND's space; the RSSM sees half of it, DreamerV3's [-0.5, 0.5])."""
+    return frames.float() / 127.5 - 1.0
+
+
+def to_uint8(x):
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def quantize(x):
+    """Clamp to [-1, 1] and round to the 256 levels of a uint8 frame."""
+    return to_float(to_uint8(x))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Global world model f-> : DIAMOND (EDM denoiser with a UNet, ALGORITHMS.md §3)
+# ----------------------------------------------------------------------------------------------------
+class FourierFeatures(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.register_buffer("weight", torch.randn(1, dim // 2))
+
+    def forward(self, x):  # (B,) -> (B, dim)
+        f = 2 * math.pi * x[:, None] @ self.weight
+        return torch.cat([f.cos(), f.sin()], -1)
+
+
+class AdaGroupNorm(nn.Module):
+    """GroupNorm (32 channels a group) whose scale and shift come from the conditioning vector."""
+
+    def __init__(self, channels, cond):
+        super().__init__()
+        self.groups, self.linear = max(1, channels // 32), nn.Linear(cond, 2 * channels)
+
+    def forward(self, x, cond):
+        scale, shift = self.linear(cond)[:, :, None, None].chunk(2, 1)
+        return F.group_norm(x, self.groups) * (1 + scale) + shift
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin, cout, cond, attn=False):
+        super().__init__()
+        self.proj = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.norm1, self.conv1 = AdaGroupNorm(cin, cond), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = AdaGroupNorm(cout, cond), nn.Conv2d(cout, cout, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        self.attn = attn
+        if attn:  # self-attention over the positions (DIAMOND's middle blocks)
+            self.norm_attn, self.heads = nn.GroupNorm(max(1, cout // 32), cout), max(1, cout // 8)
+            self.qkv, self.out = nn.Conv2d(cout, 3 * cout, 1), nn.Conv2d(cout, cout, 1)
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
+
+    def forward(self, x, cond):
+        h = self.conv1(F.silu(self.norm1(x, cond)))
+        x = self.proj(x) + self.conv2(F.silu(self.norm2(h, cond)))
+        if self.attn:
+            b, c, hh, ww = x.shape
+            q, k, v = self.qkv(self.norm_attn(x)).view(b, 3 * self.heads, c // self.heads, hh * ww).transpose(2, 3).chunk(3, 1)
+            y = F.scaled_dot_product_attention(q, k, v).transpose(2, 3).reshape(b, c, hh, ww)
+            x = x + self.out(y)
+        return x
+
+
+class UNet(nn.Module):
+    """DIAMOND's UNet: per level `depth` residual blocks, stride-2 conv down, nearest-neighbour up, skip
+    connections from every block (and each level's input), two middle blocks with self-attention."""
+
+    def __init__(self, cond, depths, channels):
+        super().__init__()
+        self.down, self.up = nn.ModuleList(), nn.ModuleList()
+        for i, (n, c) in enumerate(zip(depths, channels)):
+            prev = channels[max(0, i - 1)]
+            self.down.append(nn.ModuleList([ResBlock(prev if j == 0 else c, c, cond) for j in range(n)]))
+            self.up.insert(0, nn.ModuleList([ResBlock(2 * c, c, cond) for _ in range(n)] + [ResBlock(c + prev, prev, cond)]))
+        self.mid = nn.ModuleList([ResBlock(channels[-1], channels[-1], cond, attn=True) for _ in range(2)])
+        self.downsample = nn.ModuleList([nn.Conv2d(c, c, 3, 2, 1) for c in channels[:-1]])
+        self.upsample = nn.ModuleList([nn.Conv2d(c, c, 3, padding=1) for c in reversed(channels[:-1])])
+
+    def forward(self, x, cond):
+        skips = []
+        for i, blocks in enumerate(self.down):
+            if i > 0:
+                x = self.downsample[i - 1](x)
+            skips.append(x)
+            for block in blocks:
+                x = block(x, cond)
+                skips.append(x)
+        for block in self.mid:
+            x = block(x, cond)
+        for i, blocks in enumerate(self.up):
+            if i > 0:
+                x = self.upsample[i - 1](F.interpolate(x, scale_factor=2.0, mode="nearest"))
+            for block in blocks:
+                x = block(torch.cat([x, skips.pop()], 1), cond)
+        return x
+
+
+class Denoiser(nn.Module):
+    """EDM denoiser D(x; sigma) = c_skip x + c_out F(c_in x, c_noise | past frames, past actions), offset noise."""
+
+    sigma_data, sigma_offset = 0.5, 0.3
+    train_sigma = dict(loc=-0.4, scale=1.2, min=2e-3, max=20.0)  # ln sigma ~ N(-0.4, 1.2) (Table 4), clipped
+    sample_sigma = dict(min=2e-3, max=5.0, rho=7)  # Karras schedule of the sampler
+
+    def __init__(self, action_dim, context, channels, depths, cond):
+        super().__init__()
+        self.context = context
+        self.noise_emb = FourierFeatures(cond)
+        self.act_emb = nn.Linear(context * action_dim, cond)  # continuous actions: Linear, not nn.Embedding
+        self.cond_proj = nn.Sequential(nn.Linear(cond, cond), nn.SiLU(), nn.Linear(cond, cond))
+        self.conv_in = nn.Conv2d((context + 1) * 3, channels[0], 3, padding=1)  # past frames ⊕ noisy frame
+        self.unet = UNet(cond, depths, channels)
+        self.norm_out = nn.GroupNorm(max(1, channels[0] // 32), channels[0])
+        self.conv_out = nn.Conv2d(channels[0], 3, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+
+    def conditioners(self, sigma):
+        """EDM pre-conditioning with offset noise: sigma' = sqrt(sigma^2 + sigma_offset^2)."""
+        sigma = (sigma**2 + self.sigma_offset**2).sqrt()
+        c_in = 1 / (sigma**2 + self.sigma_data**2).sqrt()
+        c_skip = self.sigma_data**2 / (sigma**2 + self.sigma_data**2)
+        c_out = sigma * self.sigma_data / (sigma**2 + self.sigma_data**2).sqrt()
+        c_noise = sigma.log() / 4
+        return c_in, c_out, c_skip, c_noise
+
+    def model_output(self, noisy, sigma, past_frames, past_actions):
+        """F: noisy (B, 3, H, W), sigma (B,), past_frames (B, context, 3, H, W), past_actions (B, context, A)."""
+        c_in, _, _, c_noise = self.conditioners(sigma)
+        cond = self.cond_proj(self.noise_emb(c_noise) + self.act_emb(past_actions.flatten(1)))
+        x = torch.cat([past_frames.flatten(1, 2) / self.sigma_data, c_in[:, None, None, None] * noisy], 1)
+        x = self.unet(self.conv_in(x), cond)
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+    def denoise(self, noisy, sigma, past_frames, past_actions):
+        """D(x; sigma), clamped to [-1, 1] and quantised to 8 bits as DIAMOND does."""
+        _, c_out, c_skip, _ = (c[:, None, None, None] for c in self.conditioners(sigma))
+        return quantize(c_skip * noisy + c_out * self.model_output(noisy, sigma, past_frames, past_actions))
+
+    def loss(self, frames, actions):
+        """frames (B, context + 1 + ar_steps, 3, H, W) in [-1, 1], actions (B, same T, A) taken after each frame.
+        Each later target is conditioned on the model's own (detached) one-step prediction of the previous one."""
+        n, frames, total = self.context, frames.clone(), 0.0
+        for i in range(frames.shape[1] - n):
+            target = frames[:, n + i]
+            b = len(target)
+            s = self.train_sigma
+            sigma = (torch.randn(b, device=target.device) * s["scale"] + s["loc"]).exp().clamp(s["min"], s["max"])
+            offset = self.sigma_offset * torch.randn(b, 3, 1, 1, device=target.device)
+            noisy = target + offset + sigma[:, None, None, None] * torch.randn_like(target)
+            _, c_out, c_skip, _ = (c[:, None, None, None] for c in self.conditioners(sigma))
+            out = self.model_output(noisy, sigma, frames[:, i:n + i], actions[:, i:n + i])
+            total = total + F.mse_loss(out, (target - c_skip * noisy) / c_out)
+            frames[:, n + i] = quantize(c_skip * noisy + c_out * out.detach())
+        return total / (frames.shape[1] - n)
+
+    def sigmas(self, steps, device=None):
+        """Karras et al. schedule: steps noise levels from sigma_max down to sigma_min, then 0."""
+        s = self.sample_sigma
+        ramp = torch.linspace(0, 1, steps, device=device)
+        inv = s["max"] ** (1 / s["rho"]) + ramp * (s["min"] ** (1 / s["rho"]) - s["max"] ** (1 / s["rho"]))
+        return torch.cat([inv ** s["rho"], torch.zeros(1, device=device)])
+
+    @torch.no_grad()
+    def sample(self, past_frames, past_actions, steps, generator=None):
+        """Next frame (B, 3, H, W) by deterministic Euler steps on the Karras schedule (no churn)."""
+        b, _, c, h, w = past_frames.shape
+        x = torch.randn(b, c, h, w, device=past_frames.device, generator=generator)  # unit noise, as DIAMOND
+        sigmas = self.sigmas(steps, past_frames.device)
+        for sigma, next_sigma in zip(sigmas[:-1], sigmas[1:]):
+            denoised = self.denoise(x, sigma.expand(b), past_frames, past_actions)
+            x = x + (x - denoised) / sigma * (next_sigma - sigma)  # Euler step of dx/dsigma = (x - D) / sigma
+        return denoised  # = x: the last step (to sigma = 0) lands on D, a quantised frame
+
+
+# ----------------------------------------------------------------------------------------------------
+# Global reward model r: contrastive goal-conditioned energy (Rank2Reward, ALGORITHMS.md §4)
+# ----------------------------------------------------------------------------------------------------
+class RewardModel(nn.Module):
+    """f_psi(s_t | s_start, s_goal): a shared CNN embeds the three frames, an MLP scores progress toward the goal.
+    Trained so that later frames of a play segment score higher than earlier ones (Bradley-Terry loss)."""
+
+    def __init__(self, img_size, width=32, embed=256):
+        super().__init__()
+        chans, layers = [3, width, 2 * width, 4 * width, 8 * width], []
+        for i, o in zip(chans[:-1], chans[1:]):
+            layers += [nn.Conv2d(i, o, 4, 2, 1), nn.GroupNorm(1, o), nn.SiLU()]
+        self.encoder = nn.Sequential(*layers, nn.Flatten(), nn.Linear(8 * width * (img_size // 16) ** 2, embed))
+        self.head = nn.Sequential(nn.Linear(4 * embed, 256), nn.SiLU(), nn.Linear(256, 1))
+        self.embed_dim = embed
+        self.register_buffer("mean", torch.zeros(()))  # statistics of the raw energy on play data, for rewards
+        self.register_buffer("std", torch.ones(()))
+
+    def embed(self, frames):  # float frames (..., 3, H, W) -> (..., E)
+        return self.encoder(frames.flatten(0, -4)).unflatten(0, frames.shape[:-3])
+
+    def energy(self, e_t, e_start, e_goal):
+        return self.head(torch.cat([e_t, e_start, e_goal, e_t - e_goal], -1)).squeeze(-1)
+
+    def reward(self, e_t, e_start, e_goal):
+        """The RL reward: the energy standardised with its play-data statistics."""
+        return (self.energy(e_t, e_start, e_goal) - self.mean) / self.std
+
+
+# ----------------------------------------------------------------------------------------------------
+# SAPO actor-critic (ALGORITHMS.md §2)
+# ----------------------------------------------------------------------------------------------------
+def layer_mlp(inp, hidden, out):
+    layers = []
+    for h in hidden:
+        layers += [nn.Linear(inp, h), nn.LayerNorm(h), nn.SiLU()]
+        inp = h
+    return nn.Sequential(*layers, nn.Linear(inp, out))
+
+
+class Actor(nn.Module):
+    """Tanh-squashed Gaussian with state-dependent log-std -5 + 3.5 (tanh(x) + 1), reparameterised."""
+
+    def __init__(self, feat_dim, action_dim, hidden):
+        super().__init__()
+        self.net = layer_mlp(feat_dim, hidden, 2 * action_dim)
+
+    def forward(self, feat, deterministic=False):
+        """-> action in (-1, 1), log pi(action) including the tanh correction."""
+        mean, log_std = self.net(feat).chunk(2, -1)
+        if deterministic:
+            return torch.tanh(mean), None
+        log_std = -5 + 3.5 * (torch.tanh(log_std) + 1)
+        u = mean + log_std.exp() * torch.randn_like(mean)
+        log_prob = (-0.5 * ((u - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        log_prob = log_prob - (2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)  # log |d tanh(u) / du|
+        return torch.tanh(u), log_prob
+
+
+class Critic(nn.Module):
+    """Two value networks; the minimum is used for targets and the actor's bootstrap (as mineral's SAPO)."""
+
+    def __init__(self, feat_dim, hidden):
+        super().__init__()
+        self.nets = nn.ModuleList([layer_mlp(feat_dim, hidden, 1) for _ in range(2)])
+
+    def forward(self, feat):  # (..., F) -> (2, ...)
+        return torch.stack([net(feat).squeeze(-1) for net in self.nets])
+
+    def value(self, feat):
+        return self(feat).min(0).values
+
+
+def lambda_returns(rewards, next_values, gamma, lam):
+    """Eq. (3), the TD(lambda) targets of one horizon, in recursive form: G_{H-1} = r_{H-1} + gamma V(s_H),
+    G_h = r_h + gamma ((1 - lam) V(s_{h+1}) + lam G_{h+1}). rewards, next_values: (H, B) -> (H, B)."""
+    returns = torch.zeros_like(rewards)
+    next_return = next_values[-1]
+    for h in reversed(range(len(rewards))):
+        returns[h] = rewards[h] + gamma * ((1 - lam) * next_values[h] + lam * next_return)
+        next_return = returns[h]
+    return returns
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints, progress, errors
+# ----------------------------------------------------------------------------------------------------
+class RunError(Exception):
+    """A user-facing failure: printed as one line, exit code 1."""
+
+
+STAGE_FIELDS = {  # the Args fields a stage checkpoint must agree on
+    "world_model": ["img_size", "wm_channels", "wm_depths", "wm_cond_channels", "wm_context"],
+    "reward_model": ["img_size"],
+    "rssm": ["img_size", "rssm_size"],
+    "agent": ["img_size", "rssm_size", "hidden"],
+}
+
+
+CLOCK = {"start": time.time(), "before": 0.0}  # this process's start; wall-clock of a resumed run's earlier processes
+
+
+def wall_time():
+    return CLOCK["before"] + time.time() - CLOCK["start"]
+
+
+def save_checkpoint(path, kind, args, **payload):
+    """Atomic write (temporary file, then os.replace) of everything needed to use or continue a stage."""
+    config = {f: getattr(args, f) for f in STAGE_FIELDS[kind]}
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    tmp = f"{path}.tmp"
+    torch.save({"kind": kind, "config": config, "rng": rng, **payload}, tmp)
+    os.replace(tmp, path)
+    with open(os.path.join(os.path.dirname(path), "wall_time_s.txt"), "w") as f:  # for --resume's eval.json
+        f.write(f"{wall_time():.1f}")
+
+
+def load_checkpoint(path, kind, args, restore_rng=False):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise RunError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise RunError(f"{path}: expected a {kind!r} checkpoint, found {found!r}")
+    for f, v in ckpt["config"].items():
+        if list(np.atleast_1d(v)) != list(np.atleast_1d(getattr(args, f))):
+            raise RunError(f"{path}: checkpoint has {f}={v}, this run has {f}={getattr(args, f)}")
+    if restore_rng:
+        random.setstate(ckpt["rng"]["python"])
+        np.random.set_state(ckpt["rng"]["numpy"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+    return ckpt
+
+
+def check_finite(name, value, step, path):
+    if not math.isfinite(value):
+        raise RunError(f"non-finite {name} ({value}) at step {step}; the last good checkpoint is {path}")
+
+
+class Progress:
+    """Prints `[stage] step k/n (p%) metrics | rate | time left` about every 10 seconds."""
+
+    def __init__(self, stage, total, start=0):
+        self.stage, self.total, self.start, self.t0, self.last = stage, total, start, time.time(), 0.0
+
+    def __call__(self, step, **metrics):
+        now = time.time()
+        if now - self.last < 10 and step + 1 < self.total:
+            return
+        self.last = now
+        rate = (step + 1 - self.start) / max(now - self.t0, 1e-9)
+        left = (self.total - step - 1) / max(rate, 1e-9)
+        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        print(f"[{self.stage}] step {step + 1}/{self.total} ({100 * (step + 1) / self.total:.0f}%) {shown} | "
+              f"{rate:.2f} it/s | {left / 60:.1f} min left", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Offline training of the global world model f-> and the global reward model r
+# ----------------------------------------------------------------------------------------------------
+def train_world_model(args, data, device, writer, run_dir):
+    denoiser = Denoiser(2, args.wm_context, args.wm_channels, args.wm_depths, args.wm_cond_channels).to(device)
+    path = args.wm_checkpoint or os.path.join(run_dir, "world_model.pt")
+    opt = torch.optim.AdamW(denoiser.parameters(), lr=args.wm_lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 100))  # 100-step warm-up
+    step = 0
+    if os.path.exists(path):
+        ckpt = load_checkpoint(path, "world_model", args, restore_rng=args.wm_checkpoint is None)
+        denoiser.load_state_dict(ckpt["model"])
+        if ckpt["done"]:
+            print(f"world model: loaded {path}")
+            return denoiser
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        step = ckpt["step"]
+        print(f"world model: resuming {path} at step {step}")
+    elif args.wm_checkpoint:
+        raise RunError(f"{path}: no such world-model checkpoint")
+    n = sum(p.numel() for p in denoiser.parameters())
+    print(f"world model: training a {n / 1e6:.2f}M-parameter DIAMOND denoiser for {args.wm_steps} steps")
+    length = args.wm_context + 1 + args.wm_ar_steps
+    starts = window_starts(data, length)
+    progress = Progress("world_model", args.wm_steps, step)
+    save = lambda done: save_checkpoint(path, "world_model", args, model=denoiser.state_dict(), done=done,
+                                        optimizer=opt.state_dict(), scheduler=sched.state_dict(), step=step)
+    while step < args.wm_steps:
+        idx = starts[torch.randint(len(starts), (args.wm_batch_size,))][:, None] + torch.arange(length)
+        loss = denoiser.loss(to_float(data["obs"][idx.to(device)]), data["action"][idx.to(device)])
+        check_finite("world-model loss", loss.item(), step, path)
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(denoiser.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        writer.add_scalar("world_model/loss", loss.item(), step)
+        progress(step, loss=loss.item())
+        step += 1
+        if step % 500 == 0:
+            save(False)
+    save(True)
+    return denoiser
+
+
+def train_reward_model(args, data, goal, device, writer, run_dir):
+    model = RewardModel(args.img_size).to(device)
+    path = args.reward_checkpoint or os.path.join(run_dir, "reward_model.pt")
+    opt = torch.optim.Adam(model.parameters(), lr=args.reward_lr)
+    step = 0
+    if os.path.exists(path):
+        ckpt = load_checkpoint(path, "reward_model", args, restore_rng=args.reward_checkpoint is None)
+        model.load_state_dict(ckpt["model"])
+        if ckpt["done"]:
+            print(f"reward model: loaded {path}")
+            return model
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+    elif args.reward_checkpoint:
+        raise RunError(f"{path}: no such reward-model checkpoint")
+    episodes = torch.unique(data["episode"]).cpu()
+    held_out = episodes[-max(1, len(episodes) // 10):]  # the last 10 % of episodes are held out
+    train_eps = episodes[: len(episodes) - len(held_out)] if len(episodes) > 1 else episodes
+
+    def batch(size, eps):
+        """Pairs (earlier, later) from play segments, with the segments' first and last frames."""
+        length = int(torch.randint(3, args.reward_max_segment + 1, ()))
+        starts = window_starts(data, length, eps)
+        while len(starts) == 0:
+            length //= 2
+            starts = window_starts(data, length, eps)
+        s = starts[torch.randint(len(starts), (size,))]
+        i, j = torch.randint(length, (2, size))
+        j = torch.where(i == j, (j + 1) % length, j)
+        lo, hi = torch.minimum(i, j), torch.maximum(i, j)
+        idx = torch.stack([s, s + length - 1, s + lo, s + hi], 1).to(device)  # start, goal, earlier, later
+        return to_float(data["obs"][idx])
+
+    def bradley_terry(frames):
+        e = model.embed(frames)
+        margin = model.energy(e[:, 3], e[:, 0], e[:, 1]) - model.energy(e[:, 2], e[:, 0], e[:, 1])
+        return F.softplus(-margin).mean(), (margin > 0).float().mean()  # -log sigmoid(f(later) - f(earlier))
+
+    print(f"reward model: training for {args.reward_steps} steps ({len(held_out)} held-out episodes)")
+    progress = Progress("reward_model", args.reward_steps, step)
+    save = lambda done: save_checkpoint(path, "reward_model", args, model=model.state_dict(), done=done,
+                                        optimizer=opt.state_dict(), step=step)
+    while step < args.reward_steps:
+        loss, acc = bradley_terry(batch(args.reward_batch_size, train_eps))
+        check_finite("reward-model loss", loss.item(), step, path)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        writer.add_scalar("reward_model/loss", loss.item(), step)
+        writer.add_scalar("reward_model/train_accuracy", acc.item(), step)
+        progress(step, loss=loss.item(), accuracy=acc.item())
+        step += 1
+        if step % 500 == 0:
+            save(False)
+    model.eval()
+    with torch.no_grad():
+        _, acc = bradley_terry(batch(1024, held_out))
+        # standardise the energy on play frames, measured from a start up to an episode length earlier
+        starts = window_starts(data, min(args.episode_length, 32), train_eps)
+        s = starts[torch.randint(len(starts), (2048,))]
+        t = s + torch.randint(min(args.episode_length, 32), (2048,))
+        goal_e = model.embed(goal[None])
+        e_t, e_s = (model.embed(to_float(data["obs"][i.to(device)])) for i in (t, s))
+        energy = model.energy(e_t, e_s, goal_e.expand_as(e_t))
+        model.mean.copy_(energy.mean())
+        model.std.copy_(energy.std().clamp(min=1e-6))
+    print(f"reward model: held-out ranking accuracy {acc.item():.3f}")
+    writer.add_scalar("reward_model/heldout_accuracy", acc.item(), step)
+    if data["state"] is not None:
+        corr = coverage_correlation(args, model, data, goal, held_out, device)
+        print(f"reward model: correlation of the goal-image reward with true coverage on held-out play {corr:.3f}")
+        writer.add_scalar("reward_model/coverage_correlation", corr, step)
+    save(True)
+    return model
+
+
+@torch.no_grad()
+def coverage_correlation(args, model, data, goal, episodes, device):
+    """Pearson correlation of r(s_t | s_0, goal image) with gym-pusht's coverage over the given episodes."""
+    env = envs.PushTEnv()
+    mask = torch.isin(data["episode"].cpu(), episodes).numpy()
+    first = data["is_first"].cpu().numpy()
+    idx = np.flatnonzero(mask)
+    starts = np.maximum.accumulate(np.where(first, np.arange(len(first)), 0))[idx]
+    e_t = model.embed(to_float(data["obs"][torch.as_tensor(idx, device=device)]))
+    e_s = model.embed(to_float(data["obs"][torch.as_tensor(starts, device=device)]))
+    rewards = model.reward(e_t, e_s, model.embed(goal[None]).expand_as(e_t)).cpu().numpy()
+    coverage = np.array([env.reset(options={"state": s})[1]["coverage"] for s in data["state"][idx]])
+    return float(np.corrcoef(rewards, coverage)[0, 1]) if coverage.std() > 0 else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Offline pretraining of the local model f<- (RSSM) and its fine-tuning replay
+# ----------------------------------------------------------------------------------------------------
+def rssm_train_step(rssm, opt, frames, actions, is_first, rewards):
+    """One DreamerV3 world-model step on (B, T) float frames in [-1, 1]; actions[:, t] led into frame t."""
+    post, prior = rssm.observe(rssm.encode(frames / 2), actions, is_first)
+    loss, parts = rssm.loss(post, prior, frames / 2, rewards, torch.ones_like(rewards))
+    opt.zero_grad()
+    loss.backward()
+    nn.utils.clip_grad_norm_(rssm.parameters(), 1000.0)
+    opt.step()
+    return {k: v.item() for k, v in parts.items()}
+
+
+def pretrain_rssm(args, data, reward_model, goal_e, device, writer, run_dir):
+    cfg = RSSMConfig.preset(args.rssm_size, obs_shape=(3, args.img_size, args.img_size), action_dim=2)
+    rssm = RSSM(cfg).to(device)
+    opt = torch.optim.Adam(rssm.parameters(), lr=args.rssm_lr, eps=1e-8)
+    path = args.rssm_checkpoint or os.path.join(run_dir, "rssm.pt")
+    step = 0
+    if os.path.exists(path):
+        ckpt = load_checkpoint(path, "rssm", args, restore_rng=args.rssm_checkpoint is None)
+        rssm.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        if ckpt["done"]:
+            print(f"RSSM: loaded {path}")
+            return rssm, opt
+        step = ckpt["step"]
+    elif args.rssm_checkpoint:
+        raise RunError(f"{path}: no such RSSM checkpoint")
+    print(f"RSSM: pretraining ({args.rssm_size}) on the play data for {args.rssm_pretrain_steps} steps")
+    T = args.rssm_seq_len
+    starts = window_starts(data, T)
+    progress = Progress("rssm", args.rssm_pretrain_steps, step)
+    save = lambda done: save_checkpoint(path, "rssm", args, model=rssm.state_dict(), optimizer=opt.state_dict(),
+                                        step=step, done=done)
+    while step < args.rssm_pretrain_steps:
+        idx = (starts[torch.randint(len(starts), (args.rssm_batch_size,))][:, None] + torch.arange(T)).to(device)
+        frames = to_float(data["obs"][idx])
+        actions = torch.cat([torch.zeros_like(data["action"][idx[:, :1]]), data["action"][idx[:, :-1]]], 1)
+        is_first = torch.zeros(idx.shape, dtype=torch.bool, device=device)
+        is_first[:, 0] = True
+        with torch.no_grad():  # rewards from the global reward model, s_start = the sequence's first frame
+            e = reward_model.embed(frames)
+            rewards = reward_model.reward(e, e[:, :1].expand_as(e), goal_e.expand_as(e))
+        parts = rssm_train_step(rssm, opt, frames, actions, is_first, rewards)
+        check_finite("RSSM loss", parts["loss"], step, path)
+        for k, v in parts.items():
+            writer.add_scalar(f"rssm/{k}", v, step)
+        progress(step, loss=parts["loss"], recon=parts["recon"], reward=parts["reward"])
+        step += 1
+        if step % 500 == 0:
+            save(False)
+    save(True)
+    return rssm, opt
+
+
+class Replay:
+    """FIFO of global-model trajectories (chunks of horizon + 1 frames) on which the RSSM is fine-tuned."""
+
+    def __init__(self, frames_capacity, horizon, img_size):
+        self.size = max(1, frames_capacity // (horizon + 1))
+        self.frames = torch.zeros(self.size, horizon + 1, 3, img_size, img_size, dtype=torch.uint8)
+        self.actions = torch.zeros(self.size, horizon + 1, 2)
+        self.rewards = torch.zeros(self.size, horizon + 1)
+        self.ptr, self.full = 0, False
+
+    def add(self, frames, actions, rewards):  # (B, H + 1, ...) each
+        idx = (self.ptr + torch.arange(len(frames))) % self.size
+        self.frames[idx], self.actions[idx], self.rewards[idx] = frames.cpu(), actions.cpu(), rewards.cpu()
+        self.full |= self.ptr + len(frames) >= self.size
+        self.ptr = int(idx[-1] + 1) % self.size
+
+    def __len__(self):
+        return self.size if self.full else self.ptr
+
+    def sample(self, n, device):
+        idx = torch.randint(len(self), (n,))
+        is_first = torch.zeros(n, self.frames.shape[1], dtype=torch.bool)
+        is_first[:, 0] = True
+        return (to_float(self.frames[idx].to(device)), self.actions[idx].to(device), is_first.to(device),
+                self.rewards[idx].to(device))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Imagined rollouts in the global model
+# ----------------------------------------------------------------------------------------------------
+class Rollouts:
+    """The num_envs rollouts of DMO-SAPO. Each starts from a `context`-frame window of play data (the RSSM
+    filters the window), continues across horizons, and restarts after `episode_length` steps."""
+
+    def __init__(self, args, data, rssm, reward_model, goal_e, device):
+        self.args, self.data, self.rssm, self.reward_model, self.goal_e = args, data, rssm, reward_model, goal_e
+        self.starts = window_starts(data, args.wm_context)
+        B, n, S = args.num_envs, args.wm_context, args.img_size
+        self.frames = torch.zeros(B, n, 3, S, S, device=device)  # the denoiser's past frames
+        self.actions = torch.zeros(B, n - 1, 2, device=device)  # and the actions taken after all but the last
+        self.state = {k: v.detach().clone() for k, v in rssm.initial(B).items()}
+        self.start_e = torch.zeros(B, reward_model.embed_dim, device=device)
+        self.reward = torch.zeros(B, device=device)  # r of the current frame
+        self.t = torch.zeros(B, dtype=torch.long, device=device)
+        self.reset(torch.ones(B, dtype=torch.bool, device=device))
+
+    @torch.no_grad()
+    def reset(self, mask):
+        n, data = self.args.wm_context, self.data
+        idx = (self.starts[torch.randint(len(self.starts), (int(mask.sum()),))][:, None] + torch.arange(n)).to(mask.device)
+        frames, actions = to_float(data["obs"][idx]), data["action"][idx]
+        is_first = torch.zeros(idx.shape, dtype=torch.bool, device=mask.device)
+        is_first[:, 0] = True
+        into = torch.cat([torch.zeros_like(actions[:, :1]), actions[:, :-1]], 1)
+        post, _ = self.rssm.observe(self.rssm.encode(frames / 2), into, is_first)
+        for k in self.state:
+            self.state[k][mask] = post[k][:, -1]
+        self.frames[mask], self.actions[mask] = frames, actions[:, :-1]
+        e = self.reward_model.embed(frames[:, -1])
+        self.start_e[mask] = e
+        self.reward[mask] = self.reward_model.reward(e, e, self.goal_e.expand_as(e))
+        self.t[mask] = 0
+
+    def restart_finished(self):
+        done = self.t >= self.args.episode_length
+        if done.any():
+            self.reset(done)
+
+    def push(self, frame, action):  # slide the context window by one generated frame
+        self.frames = torch.cat([self.frames[:, 1:], frame[:, None]], 1)
+        self.actions = torch.cat([self.actions[:, 1:], action[:, None]], 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Zero-shot deployment in the simulator
+# ----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(args, rssm, actor, episodes, seed, device, record=0):
+    """Run the policy (RSSM filter on real frames, mean action) for `episodes` episodes on seeds seed, seed+1, ...
+    Returns metrics and, for the first `record` episodes, their top-down frames."""
+    sims = [gym.make(args.env_id, obs_size=args.img_size) for _ in range(episodes)]
+    obs = [sim.reset(seed=seed + i)[0] for i, sim in enumerate(sims)]
+    state, action = rssm.initial(episodes), torch.zeros(episodes, 2, device=device)
+    is_first = torch.ones(episodes, dtype=torch.bool, device=device)
+    alive, returns = [True] * episodes, np.zeros(episodes)
+    coverage, success = np.zeros(episodes), np.zeros(episodes, bool)
+    videos = [[sims[i].unwrapped.render()] for i in range(min(record, episodes))]
+    while any(alive):
+        frames = to_float(torch.as_tensor(np.stack(obs), device=device).permute(0, 3, 1, 2))
+        state, _ = rssm.obs_step(state, action, rssm.encode(frames / 2), is_first, sample=False)
+        action, _ = actor(rssm.feat(state), deterministic=True)
+        is_first[:] = False
+        for i, sim in enumerate(sims):
+            if not alive[i]:
+                continue
+            obs[i], reward, terminated, truncated, info = sim.step(action[i].cpu().numpy())
+            returns[i] += reward
+            coverage[i], success[i] = info["coverage"], info["is_success"]
+            alive[i] = not (terminated or truncated)
+            if i < len(videos):
+                videos[i].append(sim.unwrapped.render())
+    metrics = {"episodes": episodes, "successes": int(success.sum()), "success_rate": float(success.mean()),
+               "mean_return": float(returns.mean()), "mean_coverage": float(coverage.mean())}
+    return metrics, videos
+
+
+@torch.no_grad()
+def imagined_vs_real(args, data, denoiser, rssm, steps=16):
+    """Fig. 6a: from a real context window, follow the recorded actions with DIAMOND and with the RSSM prior.
+    Returns frames (steps, S, 3 S, 3) uint8 [real | DIAMOND | RSSM] and the per-model mean squared errors."""
+    n, device = args.wm_context, data["obs"].device
+    starts = window_starts(data, n + steps)
+    idx = (starts[torch.randint(len(starts), (1,))][:, None] + torch.arange(n + steps)).to(device)
+    real, actions = to_float(data["obs"][idx]), data["action"][idx]
+    past, past_actions, dreamed = real[:, :n], actions[:, :n], []
+    for t in range(steps):
+        frame = denoiser.sample(past, past_actions, args.wm_denoising_steps)
+        dreamed.append(frame)
+        past = torch.cat([past[:, 1:], frame[:, None]], 1)
+        past_actions = torch.cat([past_actions[:, 1:], actions[:, n + t, None]], 1)
+    dreamed = torch.stack(dreamed, 1)
+    into = torch.cat([torch.zeros_like(actions[:, :1]), actions[:, :-1]], 1)
+    is_first = torch.zeros(idx.shape, dtype=torch.bool, device=device)
+    is_first[:, 0] = True
+    post, _ = rssm.observe(rssm.encode(real[:, :n] / 2), into[:, :n], is_first[:, :n])
+    state, latent = {k: v[:, -1] for k, v in post.items()}, []
+    for t in range(steps):
+        state = rssm.img_step(state, into[:, n + t], sample=False)
+        latent.append((2 * rssm.decode(rssm.feat(state))).clamp(-1, 1))
+    latent = torch.stack(latent, 1)
+    target = real[:, n:]
+    errors = {"diamond": (dreamed - target).pow(2).mean().item(), "rssm": (latent - target).pow(2).mean().item()}
+    video = torch.cat([target, dreamed, latent], -1)[0]  # (steps, 3, S, 3 S)
+    return to_uint8(video).permute(0, 2, 3, 1).cpu().numpy(), errors
+
+
+# ----------------------------------------------------------------------------------------------------
+# Algorithm 1: DMO-SAPO with global and local world models
+# ----------------------------------------------------------------------------------------------------
+def imagine_horizon(args, actor, critic, rssm, denoiser, reward_model, goal_e, rollouts, alpha):
+    """One horizon of Algorithm 1's inner loop for all rollouts. Returns the actor loss (eq. 1, differentiable
+    w.r.t. the actor through the RSSM only) and the detached trajectory for the critic and the replay."""
+    B, H = args.num_envs, args.horizon
+    state, ret = rollouts.state, 0.0
+    feats, soft_rewards, rewards, entropies = [], [], [], []
+    chunk = ([to_uint8(rollouts.frames[:, -1])], [torch.zeros(B, 2, device=goal_e.device)], [rollouts.reward])
+    for h in range(H):
+        feat = rssm.feat(state)  # l_h
+        action, log_prob = actor(feat)  # a_h = pi(l_h)
+        if args.forward_model == "diamond":
+            past_actions = torch.cat([rollouts.actions, action.detach()[:, None]], 1)
+            next_frame = denoiser.sample(rollouts.frames, past_actions, args.wm_denoising_steps)  # o_{h+1} = f->(o_h, a_h)
+            with torch.no_grad():
+                embed = rssm.encode(next_frame / 2)
+            next_state = rssm.decoupled_step(state, action, embed)  # DMO: value of f->, gradient of f<-
+        else:  # "No Diffusion": the RSSM generates the trajectory too (plain backprop through its prior)
+            next_state = rssm.img_step(state, action)
+            with torch.no_grad():
+                next_frame = quantize(2 * rssm.decode(rssm.feat(next_state)))
+        with torch.no_grad():  # r_h = r(o_{h+1}), the global reward model
+            r = reward_model.reward(reward_model.embed(next_frame), rollouts.start_e, goal_e.expand_as(rollouts.start_e))
+        r_hat = rssm.reward(rssm.feat(next_state))  # R_h = R_phi(l_{h+1})
+        reward = r_hat + (r - r_hat).detach()  # total_reward += r_h - R_h: value of r, gradient of R_phi
+        entropy = -log_prob
+        ret = ret + args.gamma**h * (reward + alpha * entropy)  # eq. (1)
+        feats.append(feat.detach())
+        soft_rewards.append((r + alpha * entropy).detach())
+        rewards.append(r)
+        entropies.append(entropy.detach())
+        for buf, x in zip(chunk, (to_uint8(next_frame), action.detach(), r)):
+            buf.append(x)
+        rollouts.push(next_frame, action.detach())
+        state = next_state
+    last_feat = rssm.feat(state)
+    ret = ret + args.gamma**H * critic.value(last_feat)  # eq. (1): bootstrap gamma^H V(s_H)
+    # rollouts continue from here at the next epoch, with the graph cut
+    rollouts.state, rollouts.reward, rollouts.t = {k: v.detach() for k, v in state.items()}, r, rollouts.t + H
+    traj = {"feats": torch.stack(feats), "soft_rewards": torch.stack(soft_rewards), "rewards": torch.stack(rewards),
+            "entropies": torch.stack(entropies), "last_feat": last_feat.detach(),
+            "chunk": tuple(torch.stack(buf, 1) for buf in chunk)}
+    return -ret.mean() / H, traj
+
+
+def dmo_sapo(args, data, denoiser, reward_model, goal_e, rssm, rssm_opt, device, writer, run_dir):
+    """The `for epoch` loop of Algorithm 1. Returns the actor and the number of world-model samples it used."""
+    B, H = args.num_envs, args.horizon
+    actor = Actor(rssm.feat_dim, 2, args.hidden).to(device)
+    critic = Critic(rssm.feat_dim, args.hidden).to(device)
+    log_alpha = torch.tensor(math.log(args.init_alpha), device=device, requires_grad=True)
+    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, betas=args.betas)
+    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, betas=args.betas)
+    alpha_opt = torch.optim.Adam([log_alpha], lr=args.alpha_lr)
+    decay = lambda epoch: 1.0 - epoch / args.epochs
+    actor_sched = torch.optim.lr_scheduler.LambdaLR(actor_opt, decay)
+    critic_sched = torch.optim.lr_scheduler.LambdaLR(critic_opt, decay)
+    path, start_epoch = os.path.join(run_dir, "agent.pt"), 0
+    if os.path.exists(path):
+        ckpt = load_checkpoint(path, "agent", args, restore_rng=True)
+        for module, key in [(actor, "actor"), (critic, "critic"), (rssm, "rssm"), (actor_opt, "actor_opt"),
+                            (critic_opt, "critic_opt"), (alpha_opt, "alpha_opt"), (rssm_opt, "rssm_opt"),
+                            (actor_sched, "actor_sched"), (critic_sched, "critic_sched")]:
+            module.load_state_dict(ckpt[key])
+        with torch.no_grad():
+            log_alpha.copy_(ckpt["log_alpha"])
+        start_epoch = ckpt["epoch"]
+        print(f"DMO-SAPO: resuming {path} at epoch {start_epoch} (the replay buffer starts empty)")
+
+    def save_agent(epoch):
+        save_checkpoint(path, "agent", args, actor=actor.state_dict(), critic=critic.state_dict(),
+                        rssm=rssm.state_dict(), log_alpha=log_alpha.detach().cpu(), actor_opt=actor_opt.state_dict(),
+                        critic_opt=critic_opt.state_dict(), alpha_opt=alpha_opt.state_dict(),
+                        rssm_opt=rssm_opt.state_dict(), actor_sched=actor_sched.state_dict(),
+                        critic_sched=critic_sched.state_dict(), epoch=epoch, global_step=epoch * B * H)
+
+    finetune = not args.no_rssm_finetune and args.forward_model == "diamond"
+    replay = Replay(min(args.replay_size, args.epochs * B * (H + 1)), H, args.img_size) if finetune else None
+    rollouts = Rollouts(args, data, rssm, reward_model, goal_e, device)
+    progress = Progress("dmo_sapo", args.epochs, start_epoch)
+    print(f"DMO-SAPO: {args.epochs} epochs of {B} rollouts x {H} steps in the {args.forward_model} forward model")
+    for epoch in range(start_epoch, args.epochs):
+        t_epoch = time.time()
+        # Backward model learning: fine-tune the RSSM on the global model's trajectories
+        if finetune and len(replay) > 0:
+            for _ in range(args.rssm_finetune_steps):
+                parts = rssm_train_step(rssm, rssm_opt, *replay.sample(args.rssm_batch_size, device))
+            check_finite("RSSM fine-tuning loss", parts["loss"], epoch, path)
+            for k, v in parts.items():
+                writer.add_scalar(f"rssm/finetune_{k}", v, epoch * B * H)
+
+        # Actor and critic learning: one horizon in the global model, gradients through the local model
+        alpha = log_alpha.exp().detach()
+        actor_loss, traj = imagine_horizon(args, actor, critic, rssm, denoiser, reward_model, goal_e, rollouts, alpha)
+        actor_opt.zero_grad()
+        actor_loss.backward(inputs=list(actor.parameters()))
+        actor_grad = nn.utils.clip_grad_norm_(actor.parameters(), args.max_grad_norm)
+        actor_opt.step()
+        check_finite("actor loss", actor_loss.item(), epoch, path)
+
+        # eq. (2)-(3): critic on TD(lambda) targets, 8 mini-epochs of minibatches
+        feats = traj["feats"]  # (H, B, F)
+        with torch.no_grad():
+            next_values = critic.value(torch.cat([feats[1:], traj["last_feat"][None]]))
+            targets = lambda_returns(traj["soft_rewards"], next_values, args.gamma, args.lam).flatten()
+        feats = feats.flatten(0, 1)
+        for _ in range(args.critic_epochs):
+            for mb in torch.randperm(len(feats), device=device).split(args.critic_minibatch):
+                critic_loss = (critic(feats[mb]) - targets[mb]).pow(2).mean(1).sum()
+                critic_opt.zero_grad()
+                critic_loss.backward()
+                nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
+                critic_opt.step()
+        entropy = traj["entropies"].mean()
+        alpha_loss = log_alpha.exp() * (entropy - args.target_entropy)  # learned temperature
+        alpha_opt.zero_grad()
+        alpha_loss.backward()
+        alpha_opt.step()
+        actor_sched.step()
+        critic_sched.step()
+
+        if finetune:
+            replay.add(*traj["chunk"])
+        rollouts.restart_finished()
+
+        global_step = (epoch + 1) * B * H
+        sps = B * H / (time.time() - t_epoch)
+        mean_r = traj["rewards"].mean().item()
+        for k, v in {"charts/SPS": sps, "imagination/reward": mean_r, "imagination/entropy": entropy.item(),
+                     "losses/actor_loss": actor_loss.item(), "losses/critic_loss": critic_loss.item(),
+                     "losses/alpha": alpha.item(), "losses/actor_grad_norm": actor_grad.item()}.items():
+            writer.add_scalar(k, v, global_step)
+        progress(epoch, reward=mean_r, alpha=alpha.item(), entropy=entropy.item(), SPS=sps)
+        if args.eval_every and (epoch + 1) % args.eval_every == 0 and epoch + 1 < args.epochs:
+            metrics, _ = evaluate(args, rssm, actor, args.eval_quick_episodes, args.eval_seed, device)
+            for k in ("success_rate", "mean_coverage", "mean_return"):
+                writer.add_scalar(f"eval/{k}", metrics[k], global_step)
+            print(f"[eval] epoch {epoch + 1}: success {metrics['success_rate']:.2f}, coverage {metrics['mean_coverage']:.3f}")
+            if args.save_model:
+                save_agent(epoch + 1)
+    if args.save_model:
+        save_agent(args.epochs)
+    return actor, args.epochs * B * H
+
+
+def parse_args(argv=None):
+    """Preset values, then the command line on top; with --resume, the run's saved args instead of a preset."""
+    argv = sys.argv[1:] if argv is None else argv
+    flag = lambda name: next((a.split("=", 1)[1] if "=" in a else argv[i + 1] for i, a in enumerate(argv)
+                              if a == name or a.startswith(name + "=")), None)
+    resume, preset = flag("--resume"), flag("--preset") or "default"
+    if resume:
+        path = os.path.join(resume, "args.json")
+        if not os.path.exists(path):
+            raise RunError(f"{resume}: not a run directory (no args.json)")
+        with open(path) as f:
+            saved = json.load(f)
+        defaults = Args(**{k: tuple(v) if k == "betas" else v for k, v in saved.items()})
+    elif preset in PRESETS:
+        defaults = Args(**{**dataclasses.asdict(Args()), **PRESETS[preset], "preset": preset})
+    else:
+        defaults = Args()  # tyro reports the invalid choice
+    args = tyro.cli(Args, default=defaults, args=argv)
+    if args.horizon < 1 or args.episode_length % args.horizon:
+        raise RunError(f"episode_length ({args.episode_length}) must be a multiple of horizon ({args.horizon})")
+    if args.img_size % 16:
+        raise RunError(f"img_size ({args.img_size}) must be a multiple of 16")
+    return args
+
+
+def run(args):
+    if args.resume:
+        run_dir = args.resume
+        args.run_name = os.path.basename(os.path.normpath(run_dir))
+        if os.path.exists(os.path.join(run_dir, "wall_time_s.txt")):
+            with open(os.path.join(run_dir, "wall_time_s.txt")) as f:
+                CLOCK["before"] = float(f.read())
+    else:
+        args.run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_dir = os.path.join(args.runs_dir, args.run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump({k: v for k, v in dataclasses.asdict(args).items() if k not in ("resume", "stop_after")}, f, indent=1)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    print(f"run directory {run_dir} ({device})")
+
+    data = load_play_data(args, device)
+    goal = to_float(torch.as_tensor(envs.pusht_goal_image(args.img_size), device=device).permute(2, 0, 1))
+
+    # Offline training of the diamond diffusion world model f-> and global reward world model r
+    denoiser = train_world_model(args, data, device, writer, run_dir).eval()
+    if args.stop_after == "world_model":
+        return None
+    reward_model = train_reward_model(args, data, goal, device, writer, run_dir).eval()
+    for p in [*denoiser.parameters(), *reward_model.parameters()]:
+        p.requires_grad_(False)
+    goal_e = reward_model.embed(goal[None])
+    if args.stop_after == "reward_model":
+        return None
+
+    # Offline pretraining of the local dreamerV3 world model f<- (including its reward head R_phi)
+    rssm, rssm_opt = pretrain_rssm(args, data, reward_model, goal_e, device, writer, run_dir)
+    if args.stop_after == "rssm":
+        return None
+    if args.capture_video:
+        video, errors = imagined_vs_real(args, data, denoiser, rssm)
+        envs.write_video(os.path.join(run_dir, "imagined_vs_real_pretrained.mp4"), video)
+        writer.add_image("world_model/imagined_vs_real", np.concatenate(list(video[::2]), 0), 0, dataformats="HWC")
+        print(f"open-loop error over 16 steps (MSE in [-1, 1]): DIAMOND {errors['diamond']:.4f}, RSSM {errors['rssm']:.4f}")
+        writer.add_scalar("world_model/open_loop_mse", errors["diamond"], 0)
+        writer.add_scalar("rssm/open_loop_mse", errors["rssm"], 0)
+
+    actor, global_step = dmo_sapo(args, data, denoiser, reward_model, goal_e, rssm, rssm_opt, device, writer, run_dir)
+
+    # Zero-shot deployment in the simulator
+    print(f"evaluating {args.eval_episodes} episodes in {args.env_id}")
+    metrics, videos = evaluate(args, rssm, actor, args.eval_episodes, args.eval_seed, device,
+                               record=3 if args.capture_video else 0)
+    for i, frames in enumerate(videos):
+        envs.write_video(os.path.join(run_dir, f"eval_episode_{i}.mp4"), frames, scale=1)
+    if args.capture_video:
+        video, errors = imagined_vs_real(args, data, denoiser, rssm)
+        envs.write_video(os.path.join(run_dir, "imagined_vs_real_final.mp4"), video)
+        writer.add_scalar("rssm/open_loop_mse", errors["rssm"], global_step)
+    result = {"env_id": args.env_id, **metrics, "global_step": global_step, "wall_time_s": wall_time()}
+    for k in ("success_rate", "mean_coverage", "mean_return"):
+        writer.add_scalar(f"eval/{k}", metrics[k], global_step)
+    with open(os.path.join(run_dir, "eval.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    writer.close()
+    print(json.dumps(result))
+    return result
+
+
+def main(argv=None):
+    try:
+        run(parse_args(argv))
+    except (RunError, envs.DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""dmo_sapo_diamond.py: EDM numerics, the sampler, the reward model, TD(lambda), and runs of the whole pipeline."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+import dmo_sapo_diamond as dmo
+import envs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+torch.set_num_threads(1)
+
+
+def small_denoiser():
+    torch.manual_seed(0)
+    return dmo.Denoiser(action_dim=2, context=4, channels=[8, 8], depths=[1, 1], cond=16)
+
+
+def test_edm_preconditioning_matches_the_formulas():
+    d = small_denoiser()
+    for sigma in [0.002, 0.1, 0.5, 1.0, 5.0, 20.0]:
+        s = math.sqrt(sigma**2 + 0.3**2)  # offset noise: sigma' = sqrt(sigma^2 + sigma_offset^2)
+        c_in, c_out, c_skip, c_noise = (c.item() for c in d.conditioners(torch.tensor([sigma])))
+        assert c_in == pytest.approx(1 / math.sqrt(s**2 + 0.25), rel=1e-6)
+        assert c_skip == pytest.approx(0.25 / (s**2 + 0.25), rel=1e-6)
+        assert c_out == pytest.approx(s * 0.5 / math.sqrt(s**2 + 0.25), rel=1e-6)
+        assert c_noise == pytest.approx(math.log(s) / 4, rel=1e-6, abs=1e-7)
+
+
+def test_karras_schedule():
+    sigmas = small_denoiser().sigmas(3)
+    rho, lo, hi = 7, 2e-3, 5.0
+    mid = (hi ** (1 / rho) + 0.5 * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+    torch.testing.assert_close(sigmas, torch.tensor([hi, mid, lo, 0.0]))
+    assert torch.all(sigmas[1:] < sigmas[:-1])
+
+
+def test_sampler_is_deterministic_and_in_range():
+    d = small_denoiser().eval()
+    for p in d.parameters():  # a non-trivial network (the zero-initialised output layer would give D(x) = c_skip x)
+        p.data.normal_(0, 0.1)
+    past, actions = torch.rand(3, 4, 3, 16, 16) * 2 - 1, torch.rand(3, 4, 2) * 2 - 1
+    a = d.sample(past, actions, 3, generator=torch.Generator().manual_seed(0))
+    b = d.sample(past, actions, 3, generator=torch.Generator().manual_seed(0))
+    c = d.sample(past, actions, 3, generator=torch.Generator().manual_seed(1))
+    assert a.shape == (3, 3, 16, 16) and torch.equal(a, b) and not torch.equal(a, c)
+    assert a.min() >= -1 and a.max() <= 1
+    assert torch.equal(a, dmo.quantize(a)), "frames are quantised to 8 bits as DIAMOND does"
+    other = d.sample(past, actions.flip(0), 3, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(a, other), "the actions condition the next frame"
+
+
+def test_denoiser_loss_falls_on_a_tiny_dataset():
+    torch.manual_seed(0)
+    d = small_denoiser()
+    # 8 sequences of a bright square moving by the action, 16x16 frames in [-1, 1]
+    actions = torch.rand(8, 6, 2) * 2 - 1
+    pos = torch.cumsum(actions * 2, 1).round().long() + 6
+    frames = -torch.ones(8, 6, 3, 16, 16)
+    for i in range(8):
+        for t in range(6):
+            y, x = pos[i, t].clamp(0, 12)
+            frames[i, t, :, y:y + 4, x:x + 4] = 1.0
+
+    def fixed_loss():
+        torch.manual_seed(123)
+        with torch.no_grad():
+            return d.loss(frames, actions).item()
+
+    before = fixed_loss()
+    opt = torch.optim.AdamW(d.parameters(), lr=3e-3)
+    for _ in range(80):
+        loss = d.loss(frames, actions)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert fixed_loss() < 0.6 * before
+
+
+def test_lambda_returns_match_equation_3():
+    H, B, gamma, lam = 5, 3, 0.9, 0.8
+    g = torch.Generator().manual_seed(0)
+    rewards, next_values = torch.randn(H, B, generator=g), torch.randn(H, B, generator=g)
+    out = dmo.lambda_returns(rewards, next_values, gamma, lam)
+    for b in range(B):
+        r, v = rewards[:, b].tolist(), next_values[:, b].tolist()  # v[n] = V(s_{n+1})
+        for t in range(H):
+            def V_n(n):  # n-step return from s_t: sum_{k<n} gamma^k r_{t+k} + gamma^n V(s_{t+n})
+                return sum(gamma**k * r[t + k] for k in range(n)) + gamma**n * v[t + n - 1]
+            steps = H - t
+            ref = (1 - lam) * sum(lam ** (n - 1) * V_n(n) for n in range(1, steps)) + lam ** (steps - 1) * V_n(steps)
+            assert out[t, b].item() == pytest.approx(ref, rel=1e-5, abs=1e-6)
+
+
+def test_actor_log_prob_matches_torch_distributions():
+    torch.manual_seed(0)
+    actor = dmo.Actor(10, 2, [16])
+    feat = torch.randn(64, 10)
+    torch.manual_seed(1)
+    a, log_prob = actor(feat)
+    torch.manual_seed(1)
+    mean, raw = actor.net(feat).chunk(2, -1)
+    std = (-5 + 3.5 * (torch.tanh(raw) + 1)).exp()
+    u = mean + std * torch.randn_like(mean)
+    base = torch.distributions.Normal(mean, std)
+    dist = torch.distributions.TransformedDistribution(base, [torch.distributions.TanhTransform()])
+    torch.testing.assert_close(a, torch.tanh(u))
+    torch.testing.assert_close(log_prob, dist.log_prob(torch.tanh(u).clamp(-1 + 1e-6, 1 - 1e-6)).sum(-1), atol=2e-3, rtol=1e-3)
+    log_prob.sum().backward()
+    assert all(p.grad is not None for p in actor.parameters())
+
+
+@pytest.fixture(scope="module")
+def play_data(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("data") / "PushT-v0_play.npz")
+    envs.save_dataset(path, envs.collect("PushT-v0", 1600, seed=0, verbose=False))
+    return path
+
+
+def test_reward_model_ranks_later_frames_higher(play_data, tmp_path):
+    args = dmo.Args(**{**dmo.PRESETS["tiny"], "reward_steps": 250, "reward_batch_size": 32, "data_path": play_data,
+                       "reward_lr": 1e-3})
+    data = dmo.load_play_data(args, torch.device("cpu"))
+    goal = dmo.to_float(torch.as_tensor(envs.pusht_goal_image(args.img_size)).permute(2, 0, 1))
+    torch.manual_seed(0)
+    model = dmo.train_reward_model(args, data, goal, torch.device("cpu"), SummaryWriter(str(tmp_path)), str(tmp_path))
+    ckpt = torch.load(tmp_path / "reward_model.pt", map_location="cpu", weights_only=False)
+    assert ckpt["done"] and ckpt["kind"] == "reward_model"
+    # held-out episodes: later frames of a segment score higher than earlier ones, given its first and last frame
+    episodes = torch.unique(data["episode"])
+    held_out = episodes[-max(1, len(episodes) // 10):]
+    starts = dmo.window_starts(data, 16, held_out)
+    with torch.no_grad():
+        s = starts[torch.randperm(len(starts))[:200]]
+        e = [model.embed(dmo.to_float(data["obs"][s + k])) for k in (0, 15, 3, 12)]
+        acc = (model.energy(e[3], e[0], e[1]) > model.energy(e[2], e[0], e[1])).float().mean().item()
+    assert acc > 0.7
+
+
+def run_script(*args, timeout=300):
+    return subprocess.run([sys.executable, "dmo_sapo_diamond.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_tiny_preset_runs_the_pipeline(play_data, tmp_path):
+    r = run_script("--preset", "tiny", "--runs-dir", str(tmp_path), "--data-path", play_data)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (run_dir,) = tmp_path.iterdir()
+    result = json.loads((run_dir / "eval.json").read_text())
+    for key in ("env_id", "episodes", "successes", "success_rate", "mean_return", "global_step", "wall_time_s",
+                "mean_coverage"):
+        assert key in result
+    assert result["episodes"] == 2 and result["global_step"] == 4 * 8 * 8 and 0 <= result["mean_coverage"] <= 1
+    for name in ("world_model.pt", "reward_model.pt", "rssm.pt", "agent.pt", "imagined_vs_real_final.mp4",
+                 "eval_episode_0.mp4", "args.json"):
+        assert (run_dir / name).exists(), name
+    ckpt = torch.load(run_dir / "agent.pt", map_location="cpu", weights_only=False)
+    args = dmo.Args(**dmo.PRESETS["tiny"])
+    rssm = dmo.RSSM(dmo.RSSMConfig.preset("tiny", obs_shape=(3, 32, 32), action_dim=2))
+    rssm.load_state_dict(ckpt["rssm"])
+    actor = dmo.Actor(rssm.feat_dim, 2, args.hidden)
+    actor.load_state_dict(ckpt["actor"])
+    assert ckpt["epoch"] == 4 and ckpt["global_step"] == 256
+    # the checkpoint alone reproduces the run's evaluation
+    metrics, _ = dmo.evaluate(dmo.Args(**{**dmo.PRESETS["tiny"]}), rssm, actor, 2, args.eval_seed, torch.device("cpu"))
+    assert metrics["mean_coverage"] == pytest.approx(result["mean_coverage"], abs=1e-6)
+    # a checkpoint of the wrong kind, or of another configuration, is a one-line error
+    r = run_script("--preset", "tiny", "--runs-dir", str(tmp_path / "x"), "--data-path", play_data,
+                   "--wm-checkpoint", str(run_dir / "rssm.pt"), timeout=60)
+    assert r.returncode == 1 and "expected a 'world_model' checkpoint" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run_script("--preset", "tiny", "--runs-dir", str(tmp_path / "y"), "--data-path", play_data,
+                   "--wm-checkpoint", str(run_dir / "world_model.pt"), "--wm-channels", "8", "16", timeout=60)
+    assert r.returncode == 1 and "wm_channels" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_killed_run_resumes_from_its_checkpoints(play_data, tmp_path):
+    r = run_script("--preset", "tiny", "--runs-dir", str(tmp_path), "--data-path", play_data, "--stop-after",
+                   "reward_model", "--no-capture-video")
+    assert r.returncode == 0, r.stderr[-2000:]
+    (run_dir,) = tmp_path.iterdir()
+    assert not (run_dir / "eval.json").exists() and not (run_dir / "rssm.pt").exists()
+    before = (run_dir / "world_model.pt").read_bytes()
+    r = run_script("--resume", str(run_dir))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "world model: loaded" in r.stdout and "reward model: loaded" in r.stdout and "RSSM: pretraining" in r.stdout
+    assert (run_dir / "world_model.pt").read_bytes() == before, "a finished stage is not trained again"
+    assert json.loads((run_dir / "eval.json").read_text())["global_step"] == 256
+    assert not list(tmp_path.glob("*/*.tmp"))
+
+
+def test_bad_data_file_is_a_one_line_error(tmp_path):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, obs=np.zeros((4, 64, 64, 3), np.uint8), action=np.zeros((4, 2), np.float64),
+             is_first=np.array([1, 0, 0, 0], bool))
+    r = run_script("--preset", "tiny", "--runs-dir", str(tmp_path), "--data-path", str(bad), timeout=60)
+    assert r.returncode == 1 and "'action'" in r.stderr and str(bad) in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
