@@ -88,7 +88,7 @@ class Args:
     """past frames and actions the denoiser is conditioned on"""
     wm_denoising_steps: int = 3
     """Euler steps of the sampler"""
-    wm_steps: int = 3000
+    wm_steps: int = 1500
     """training steps"""
     wm_batch_size: int = 16
     """training batch size"""
@@ -100,7 +100,7 @@ class Args:
     # Global reward model r (Rank2Reward)
     reward_checkpoint: Optional[str] = None
     """a trained reward model (reward_model.pt); skips its training"""
-    reward_steps: int = 2000
+    reward_steps: int = 1500
     """training steps"""
     reward_batch_size: int = 64
     """pairs per training step"""
@@ -114,7 +114,7 @@ class Args:
     """a pretrained RSSM (rssm.pt); skips its pretraining"""
     rssm_size: Literal["tiny", "small", "push_t", "push_cube"] = "small"
     """RSSM size (rssm.presets; Table 4 Push-T = push_t)"""
-    rssm_pretrain_steps: int = 1500
+    rssm_pretrain_steps: int = 1000
     """offline pretraining steps on the play data"""
     rssm_batch_size: int = 16
     """sequences per batch"""
@@ -132,7 +132,7 @@ class Args:
     # DMO-SAPO actor-critic
     forward_model: Literal["diamond", "rssm"] = "diamond"
     """who generates the forward trajectory: DIAMOND, or the RSSM itself (ablation "No Diffusion")"""
-    epochs: int = 300
+    epochs: int = 150
     """epochs of Algorithm 1 (each: RSSM fine-tuning, one horizon of num_envs rollouts, actor/critic updates)"""
     num_envs: int = 32
     """parallel imagined rollouts (Table 4: 128)"""
@@ -951,7 +951,7 @@ def dmo_sapo(args, data, denoiser, reward_model, goal_e, rssm, rssm_opt, device,
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, betas=args.betas)
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, betas=args.betas)
     alpha_opt = torch.optim.Adam([log_alpha], lr=args.alpha_lr)
-    decay = lambda epoch: 1.0 - epoch / args.epochs
+    decay = lambda epoch: 1.0 - epoch / max(args.epochs, 1)
     actor_sched = torch.optim.lr_scheduler.LambdaLR(actor_opt, decay)
     critic_sched = torch.optim.lr_scheduler.LambdaLR(critic_opt, decay)
     path, start_epoch = os.path.join(run_dir, "agent.pt"), 0

@@ -4,8 +4,8 @@ Training: one step on a batch of 16 x 64 frames (encode, observe, loss, backward
 Imagination: 16 steps from 128 states with a small policy MLP, forward and backward into the policy, as
 actor learning (SAPO / DMO) does. Sizes: rssm.presets (Coupled paper Table 4: push_t, push_cube).
 
-    python benchmarks/rssm_throughput.py                                  # small, push_t: ~3 min on 2 CPU cores
-    python benchmarks/rssm_throughput.py --sizes push_cube --warmup 0    # Table 4's big size, ~5 GB
+    python benchmarks/rssm_throughput.py                                  # small and push_t
+    python benchmarks/rssm_throughput.py --sizes push_cube --warmup 0    # Table 4's big size (slow on a CPU)
 """
 
 import dataclasses
@@ -24,7 +24,7 @@ from rssm import RSSM, RSSMConfig  # noqa: E402
 @dataclasses.dataclass
 class Args:
     sizes: tuple[str, ...] = ("small", "push_t")
-    """rssm.presets to measure (add push_cube: about 7 more minutes on a 2-core CPU)"""
+    """rssm.presets to measure (push_cube: 192 s per training step on this 2-core CPU, under load)"""
     iters: int = 1
     """timed iterations of each measurement"""
     warmup: int = 1

@@ -136,12 +136,11 @@ def test_reward_model_ranks_later_frames_higher(play_data, tmp_path):
     # held-out episodes: later frames of a segment score higher than earlier ones, given its first and last frame
     episodes = torch.unique(data["episode"])
     held_out = episodes[-max(1, len(episodes) // 10):]
-    starts = dmo.window_starts(data, 16, held_out)
-    with torch.no_grad():
-        s = starts[torch.randperm(len(starts))[:200]]
-        e = [model.embed(dmo.to_float(data["obs"][s + k])) for k in (0, 15, 3, 12)]
+    s = dmo.window_starts(data, 16, held_out)
+    with torch.no_grad():  # (start, goal, earlier, later) = frames 0, 15, 2 and 13 of every held-out 16-frame segment
+        e = [model.embed(dmo.to_float(data["obs"][s + k])) for k in (0, 15, 2, 13)]
         acc = (model.energy(e[3], e[0], e[1]) > model.energy(e[2], e[0], e[1])).float().mean().item()
-    assert acc > 0.7
+    assert len(s) > 100 and acc > 0.75
 
 
 def run_script(*args, timeout=300):

@@ -1,0 +1,956 @@
+"""Robotic World Model (RWM) + MBPO-PPO on a MuJoCo legged velocity-tracking task (seed 004).
+
+Li, Krause, Hutter, "Robotic World Model: A Neural Network Simulator for Robust Policy Optimization in
+Robotics": a GRU world model trained with dual-autoregressive training (history M = 32, forecast N = 8,
+Eq. 1-2), and policy optimisation with PPO on its imagined rollouts (Algorithm 1, Table S10).
+MuJoCo's Ant (gymnasium Ant-v5) stands in for ANYmal D; the task (commands, observations, contacts,
+rewards, termination) is defined here in `make_env`. See ../shared/ALGORITHMS.md §9.
+
+    python rwm_mbpo_ppo.py --seed 1                              # MBPO-PPO (Algorithm 1)
+    python rwm_mbpo_ppo.py --mode ppo-sim --seed 1               # the same PPO in the simulator
+    python rwm_mbpo_ppo.py --mode prediction-study --seed 1      # Fig. 6-8: RWM-AR/TF, MLP, RSSM, Transformer
+    python rwm_mbpo_ppo.py --preset tiny --forecast-horizon 1    # RWM-TF ablation, smoke size
+    python rwm_mbpo_ppo.py --resume runs/RUN/checkpoint.pt       # continue a killed run
+"""
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import gymnasium as gym
+import mujoco
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+from rssm import RSSM, RSSMConfig
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """sets `torch.backends.cudnn.deterministic`"""
+    cuda: bool = True
+    """use CUDA when available (the simulator always runs on the CPU)"""
+    capture_video: bool = False
+    """unused: the task is state-only (kept for the shared command line)"""
+    save_model: bool = True
+    """write checkpoints to the run folder"""
+    preset: Literal["tiny", "default", "paper"] = "default"
+    """size preset (PRESETS below); flags given on the command line override it"""
+    mode: Literal["mbpo-ppo", "ppo-sim", "prediction-study"] = "mbpo-ppo"
+    """Algorithm 1, model-free PPO in the simulator, or the prediction-error study (Fig. 6-8)"""
+    runs_dir: str = "runs"
+    """outputs go to {runs_dir}/{run_name}/"""
+    resume: Optional[str] = None
+    """checkpoint to continue from (its run folder is reused)"""
+
+    # Task (Ant-v5 velocity tracking)
+    env_id: str = "AntVelocity-v5"
+    """name of the task defined in `make_env`"""
+    episode_steps: int = 400
+    """time limit in control steps (20 s at 20 Hz)"""
+    command_resample_steps: int = 200
+    """a new velocity command is drawn every this many steps"""
+    eval_episodes: int = 8
+    """episodes of the final evaluation in the simulator"""
+    eval_every: int = 10
+    """iterations between evaluations in the simulator (logged, eval_history.jsonl)"""
+    success_error: float = 0.5
+    """an episode succeeds when it does not fall and its mean tracking error is below this"""
+
+    # World model (Tables S6, S9)
+    history_horizon: int = 32
+    """M: warm-up (context) steps"""
+    forecast_horizon: int = 8
+    """N: autoregressive forecast steps in training; 1 = teacher forcing (RWM-TF)"""
+    wm_hidden: int = 256
+    """GRU hidden size (2 layers)"""
+    wm_lr: float = 1e-3
+    """Adam learning rate of the world model"""
+    wm_batch_size: int = 256
+    """windows per world-model update"""
+    pretrain_steps: int = 2000
+    """real steps per simulator env collected before policy learning"""
+    pretrain_updates: int = 2000
+    """world-model updates on the pretraining data"""
+    wm_updates: int = 20
+    """world-model updates per MBPO iteration"""
+    buffer_size: int = 1000
+    """|D|: real steps kept per simulator env (FIFO)"""
+
+    # MBPO-PPO (Table S10)
+    num_real_envs: int = 8
+    """simulator envs that collect real data"""
+    real_steps: int = 10
+    """real steps per simulator env per iteration (Algorithm 1 line 3)"""
+    imagination_envs: int = 4096
+    """imagination agents"""
+    imagination_steps: int = 100
+    """imagination steps per iteration"""
+    iterations: int = 2500
+    """learning iterations"""
+
+    # PPO (Table S10, rsl_rl)
+    learning_rate: float = 1e-3
+    """initial learning rate, adapted to the KL target"""
+    desired_kl: float = 0.01
+    """KL target of the adaptive learning rate"""
+    update_epochs: int = 5
+    """learning epochs"""
+    num_minibatches: int = 4
+    """mini-batches"""
+    gamma: float = 0.99
+    """discount factor"""
+    gae_lambda: float = 0.95
+    """GAE lambda"""
+    clip_coef: float = 0.2
+    """clip range"""
+    ent_coef: float = 0.005
+    """entropy coefficient"""
+    vf_coef: float = 1.0
+    """value loss coefficient"""
+    max_grad_norm: float = 1.0
+    """gradient clipping of the policy and the world model"""
+
+    # Model-free reference (--mode ppo-sim)
+    num_envs: int = 16
+    """simulator envs"""
+    num_steps: int = 64
+    """steps per env per PPO iteration"""
+    total_timesteps: int = 1_000_000
+    """real samples"""
+
+    # Prediction study (--mode prediction-study)
+    study_steps: int = 4000
+    """real steps per simulator env for the training set (the test set is a quarter of it)"""
+    study_updates: int = 2000
+    """updates per model"""
+    study_eval_horizon: int = 32
+    """forecast steps of the evaluation"""
+    study_eval_windows: int = 256
+    """test windows"""
+    study_noise: tuple[float, ...] = (0.1, 0.2, 0.4, 0.5, 0.8)
+    """Gaussian noise levels on states and actions (normalised space), Fig. 6"""
+    study_policy: Optional[str] = None
+    """checkpoint whose policy collects the data (default: the untrained stochastic policy)"""
+
+
+# Sizes per preset (the algorithmic constants above are those of Tables S6-S10)
+PRESETS = {
+    "tiny": dict(episode_steps=100, command_resample_steps=50, eval_episodes=2, eval_every=2, history_horizon=8,
+                 forecast_horizon=4, wm_hidden=32, wm_batch_size=16, pretrain_steps=60, pretrain_updates=5,
+                 wm_updates=2, buffer_size=200, num_real_envs=2, real_steps=8, imagination_envs=16,
+                 imagination_steps=10, iterations=3, num_envs=2, num_steps=32, total_timesteps=256,
+                 study_steps=100, study_updates=5, study_eval_horizon=8, study_eval_windows=16),
+    "default": dict(episode_steps=400, command_resample_steps=200, eval_episodes=8, eval_every=10,
+                    history_horizon=32, forecast_horizon=8, wm_hidden=256, wm_batch_size=64, pretrain_steps=1000,
+                    pretrain_updates=1500, wm_updates=10, buffer_size=1000, num_real_envs=8, real_steps=25,
+                    imagination_envs=256, imagination_steps=50, iterations=300, num_envs=16, num_steps=64,
+                    total_timesteps=2_000_000, study_steps=1000, study_updates=1500, study_eval_horizon=32,
+                    study_eval_windows=256),
+    "paper": dict(episode_steps=1000, command_resample_steps=200, eval_episodes=32, eval_every=50,
+                  history_horizon=32, forecast_horizon=8, wm_hidden=256, wm_batch_size=1024, pretrain_steps=5000,
+                  pretrain_updates=20000, wm_updates=50, buffer_size=1000, num_real_envs=64, real_steps=24,
+                  imagination_envs=4096, imagination_steps=100, iterations=2500, num_envs=4096, num_steps=24,
+                  total_timesteps=200_000_000, study_steps=5000, study_updates=20000, study_eval_horizon=64,
+                  study_eval_windows=1024),
+}
+ARCH_FIELDS = ("mode", "wm_hidden", "history_horizon", "num_real_envs", "buffer_size", "num_envs")
+
+
+def cli_value(name):
+    """The value of a flag given as `--name value` or `--name=value`, else None."""
+    for i, tok in enumerate(sys.argv[1:], 1):
+        if tok == name and i + 1 < len(sys.argv):
+            return sys.argv[i + 1]
+        if tok.startswith(name + "="):
+            return tok.split("=", 1)[1]
+    return None
+
+
+def parse_args():
+    """Preset values, then the flags of the command line; with --resume the checkpoint's arguments instead of a preset."""
+    preset, resume = cli_value("--preset") or "default", cli_value("--resume")
+    if preset not in PRESETS:
+        raise SystemExit(f"error: --preset must be one of {list(PRESETS)}, got {preset!r}")
+    ckpt = load_checkpoint(resume) if resume else None
+    defaults = dict(ckpt["args"], resume=resume) if ckpt else dict(PRESETS[preset], preset=preset)
+    args = tyro.cli(Args, default=Args(**defaults))
+    if ckpt:
+        load_checkpoint(resume, args)  # flags that change the architecture or the data layout are refused
+    return args, ckpt
+
+
+# ----------------------------------------------------------------------------------------------------
+# The task: Ant-v5 velocity tracking (Tables S1-S5 adapted to the Ant)
+# ----------------------------------------------------------------------------------------------------
+DT = 0.05  # Ant-v5: 5 physics steps of 0.01 s
+OBS_DIM, ACT_DIM, CON_DIM, CMD_DIM = 33, 8, 8, 3
+LIN_VEL, ANG_VEL, GRAVITY = slice(0, 3), slice(3, 6), slice(6, 9)  # Table S1: body frame
+JOINT_POS, JOINT_VEL, TORQUE = slice(9, 17), slice(17, 25), slice(25, 33)
+POLICY_OBS_DIM = 25 + CMD_DIM  # Table S4: v, ω, g, q, q̇ (no torques) and the command
+FOOT_GEOMS = ("left_ankle_geom", "right_ankle_geom", "third_ankle_geom", "fourth_ankle_geom")
+KNEE_GEOMS = ("left_leg_geom", "right_leg_geom", "back_leg_geom", "rightback_leg_geom")  # Table S2: undesired
+COMMAND_RANGE = np.array([1.0, 1.0, 1.0], np.float32)  # |v_x|, |v_y| (m/s), |ω_z| (rad/s)
+TRACKING_SIGMA2 = 0.25
+REWARD_WEIGHTS = dict(track_lin_vel=1.0, track_ang_vel=0.5, lin_vel_z=-2.0, ang_vel_xy=-0.05,
+                      torque=-1e-5,  # Table S5: -2.5e-5 for ANYmal's ~80 N m; the Ant's motors reach 150 N m
+                      joint_acc=-2.5e-7, action_rate=-0.01, undesired_contacts=-1.0, flat_orientation=-5.0,
+                      termination=-400.0)  # not in Table S5: without it the Ant learns to flip to end the penalties
+
+
+def task_reward(obs, next_obs, action, prev_action, next_contacts, terminated, command):
+    """Table S5 (feet air time left out), each term times the step time as in Isaac Lab's reward manager.
+    The same code scores the simulator (numpy) and imagination (torch)."""
+    xp = torch if isinstance(next_obs, torch.Tensor) else np
+    v, w, g = next_obs[..., LIN_VEL], next_obs[..., ANG_VEL], next_obs[..., GRAVITY]
+    terms = dict(
+        track_lin_vel=xp.exp(-((command[..., :2] - v[..., :2]) ** 2).sum(-1) / TRACKING_SIGMA2),
+        track_ang_vel=xp.exp(-((command[..., 2] - w[..., 2]) ** 2) / TRACKING_SIGMA2),
+        lin_vel_z=v[..., 2] ** 2,
+        ang_vel_xy=(w[..., :2] ** 2).sum(-1),
+        torque=(next_obs[..., TORQUE] ** 2).sum(-1),
+        joint_acc=(((next_obs[..., JOINT_VEL] - obs[..., JOINT_VEL]) / DT) ** 2).sum(-1),  # from velocities
+        action_rate=((action - prev_action) ** 2).sum(-1),
+        undesired_contacts=next_contacts[..., 4:].sum(-1),
+        flat_orientation=(g[..., :2] ** 2).sum(-1),
+        termination=terminated,
+    )
+    return DT * sum(REWARD_WEIGHTS[k] * terms[k] for k in terms)
+
+
+def tracking_error(next_obs, command):
+    """‖c - (v_x, v_y, ω_z)‖ per step."""
+    xp = torch if isinstance(next_obs, torch.Tensor) else np
+    actual = xp.stack([next_obs[..., 0], next_obs[..., 1], next_obs[..., 5]], -1)
+    return ((command - actual) ** 2).sum(-1) ** 0.5
+
+
+class AntVelocityEnv(gym.Env):
+    """Ant-v5's robot and physics; observation = world-model state (33) ⊕ command (3); info["contacts"] (8)."""
+
+    def __init__(self, episode_steps, command_resample_steps):
+        self.ant = gym.make("Ant-v5").unwrapped  # MuJoCo model/data and reset noise; obs and reward are ours
+        model = self.ant.model
+        self.foot_ids = np.array([model.geom(n).id for n in FOOT_GEOMS])
+        self.knee_ids = np.array([model.geom(n).id for n in KNEE_GEOMS])
+        self.episode_steps, self.resample_steps = episode_steps, command_resample_steps
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (OBS_DIM + CMD_DIM,), np.float64)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (ACT_DIM,), np.float32)
+
+    def _state(self):
+        d = self.ant.data
+        rot = np.empty(9)
+        mujoco.mju_quat2Mat(rot, d.qpos[3:7])
+        rot = rot.reshape(3, 3)  # body -> world
+        lin_vel = rot.T @ d.qvel[0:3]  # free joint: linear velocity in the world frame, angular in the body frame
+        gravity = rot.T @ np.array([0.0, 0.0, -1.0])
+        return np.concatenate([lin_vel, d.qvel[3:6], gravity, d.qpos[7:15], d.qvel[6:14], d.qfrc_actuator[6:14]])
+
+    def _contacts(self):
+        d, c = self.ant.data, np.zeros(CON_DIM)
+        g1, g2 = d.contact.geom1[: d.ncon], d.contact.geom2[: d.ncon]
+        other = np.concatenate([g2[g1 == 0], g1[g2 == 0]])  # geoms touching the floor (geom 0)
+        c[:4] = np.isin(self.foot_ids, other)
+        c[4:] = np.isin(self.knee_ids, other)
+        return c
+
+    def _sample_command(self):
+        self.command = self.np_random.uniform(-COMMAND_RANGE, COMMAND_RANGE)
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.ant.reset(seed=seed)
+        self._sample_command()
+        self.t, self.prev_action, self.state = 0, np.zeros(ACT_DIM), self._state()
+        return np.concatenate([self.state, self.command]), {}
+
+    def step(self, action):
+        action = np.clip(action, -1.0, 1.0)
+        self.ant.do_simulation(action, self.ant.frame_skip)
+        next_state, contacts = self._state(), self._contacts()
+        terminated = bool(next_state[8] > 0.0 or self.ant.data.qpos[2] < 0.2)  # flipped over or fallen
+        reward = float(task_reward(self.state, next_state, action, self.prev_action, contacts, terminated, self.command))
+        info = dict(contacts=contacts, tracking_error=float(tracking_error(next_state, self.command)))
+        self.t += 1
+        truncated = self.t >= self.episode_steps
+        if self.t % self.resample_steps == 0:
+            self._sample_command()
+        self.state, self.prev_action = next_state, action
+        return np.concatenate([next_state, self.command]), reward, terminated, truncated, info
+
+
+def make_env(args):
+    return AntVelocityEnv(args.episode_steps, args.command_resample_steps)
+
+
+def policy_obs(state_n, command):
+    """Table S4 from a normalised world-model state (..., 33) and the command (..., 3)."""
+    return torch.cat([state_n[..., :25], command], -1)
+
+
+class Normalizer(nn.Module):
+    """Running mean/std of the world-model state; saved with every checkpoint."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("var", torch.ones(dim, dtype=torch.float64))
+        self.register_buffer("count", torch.tensor(1e-4, dtype=torch.float64))
+
+    def update(self, x):
+        x = torch.as_tensor(x, dtype=torch.float64, device=self.mean.device).reshape(-1, self.mean.shape[0])
+        n, mean, var = x.shape[0], x.mean(0), x.var(0, unbiased=False)
+        delta, total = mean - self.mean, self.count + n
+        self.mean += delta * n / total
+        self.var.copy_((self.var * self.count + var * n + delta**2 * self.count * n / total) / total)
+        self.count.fill_(total)
+
+    def forward(self, x):
+        return ((x - self.mean) / (self.var + 1e-8).sqrt()).float()
+
+    def denormalize(self, x):
+        return (x * (self.var + 1e-8).sqrt() + self.mean).float()
+
+
+class ReplayBuffer:
+    """D: real transitions of each simulator env in time order (FIFO ring of `size` steps per env)."""
+
+    def __init__(self, num_envs, size):
+        dims = dict(obs=OBS_DIM, action=ACT_DIM, next_obs=OBS_DIM, next_contacts=CON_DIM, next_term=1)
+        self.data = {k: np.zeros((num_envs, size, d), np.float32) for k, d in dims.items()}
+        self.episode = np.full((num_envs, size), -1, np.int64)
+        self.size, self.t = size, 0
+
+    def add(self, episode, **step):  # one step of every env: (E, dim) arrays
+        for k, v in step.items():
+            self.data[k][:, self.t % self.size] = v.reshape(v.shape[0], -1)
+        self.episode[:, self.t % self.size] = episode
+        self.t += 1
+
+    def sample(self, batch, length, rng):
+        """`batch` windows of `length` consecutive steps inside one episode: dict of (B, length, dim) tensors."""
+        lo, hi = max(0, self.t - self.size), self.t - length + 1
+        envs, starts = [], []
+        for _ in range(100):
+            if hi <= lo:
+                break
+            e, s = rng.integers(0, len(self.episode), 4 * batch), rng.integers(lo, hi, 4 * batch)
+            ok = self.episode[e, s % self.size] == self.episode[e, (s + length - 1) % self.size]
+            envs, starts = np.concatenate([envs, e[ok]]), np.concatenate([starts, s[ok]])
+            if len(envs) >= batch:
+                break
+        if len(envs) < batch:
+            raise SystemExit(f"error: the replay buffer holds no episode of {length} steps; collect more data")
+        e, idx = envs[:batch, None].astype(np.int64), (starts[:batch, None].astype(np.int64) + np.arange(length)) % self.size
+        return {k: torch.from_numpy(v[e, idx]) for k, v in self.data.items()}
+
+    def state_dict(self):
+        return dict(t=self.t, episode=torch.from_numpy(self.episode), **{k: torch.from_numpy(v) for k, v in self.data.items()})
+
+    def load_state_dict(self, sd):
+        self.t, self.episode = sd["t"], sd["episode"].numpy().copy()
+        self.data = {k: sd[k].numpy().copy() for k in self.data}
+
+
+class Simulator:
+    """`n` copies of the task in a plain batched loop with same-step auto-reset; every step goes to D if given."""
+
+    def __init__(self, args, n, seed, obs_rms, buffer=None, update_rms=False):
+        self.envs = [make_env(args) for _ in range(n)]
+        self.obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(self.envs)])
+        self.obs_rms, self.buffer, self.update_rms = obs_rms, buffer, update_rms
+        self.episode, self.next_episode = np.arange(n), n
+        self.ep_return, self.ep_len, self.ep_error = np.zeros(n), np.zeros(n, int), np.zeros(n)
+        self.finished = []  # dicts of finished episodes, drained by the caller
+
+    def policy_obs(self):
+        obs = torch.as_tensor(self.obs, device=self.obs_rms.mean.device)
+        return policy_obs(self.obs_rms(obs[:, :OBS_DIM]), obs[:, OBS_DIM:].float())
+
+    def step(self, action):
+        action = action.clamp(-1, 1).cpu().numpy()
+        out = [env.step(a) for env, a in zip(self.envs, action)]
+        next_obs = np.stack([o[0] for o in out])
+        reward, term, trunc = (np.array([o[i] for o in out]) for i in (1, 2, 3))
+        if self.buffer is not None:
+            contacts = np.stack([o[4]["contacts"] for o in out])
+            self.buffer.add(self.episode, obs=self.obs[:, :OBS_DIM], action=action, next_obs=next_obs[:, :OBS_DIM],
+                            next_contacts=contacts, next_term=term.astype(np.float32))
+        if self.update_rms:
+            self.obs_rms.update(next_obs[:, :OBS_DIM])
+        self.ep_return += reward
+        self.ep_len += 1
+        self.ep_error += np.array([o[4]["tracking_error"] for o in out])
+        for i in np.flatnonzero(term | trunc):
+            mean_error = self.ep_error[i] / self.ep_len[i]
+            self.finished.append(dict(env=i, ret=self.ep_return[i], length=self.ep_len[i], tracking_error=mean_error,
+                                      fell=bool(term[i])))
+            next_obs[i] = self.envs[i].reset()[0]
+            self.episode[i], self.next_episode = self.next_episode, self.next_episode + 1
+            self.ep_return[i], self.ep_len[i], self.ep_error[i] = 0.0, 0, 0.0
+        self.obs = next_obs
+        return torch.as_tensor(reward, dtype=torch.float32), torch.as_tensor(term | trunc, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# RWM: GRU world model with dual-autoregressive training (§III-B, Table S6)
+# ----------------------------------------------------------------------------------------------------
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 1.0
+
+
+def mlp(inp, hidden, out, act=nn.ReLU):
+    layers, last = [], inp
+    for h in hidden:
+        layers += [nn.Linear(last, h), act()]
+        last = h
+    return nn.Sequential(*layers, nn.Linear(last, out))
+
+
+class RWM(nn.Module):
+    def __init__(self, hidden=256, head=128):
+        super().__init__()
+        self.gru = nn.GRU(OBS_DIM + ACT_DIM, hidden, num_layers=2, batch_first=True)
+        self.mean = mlp(hidden, [head], OBS_DIM)
+        self.log_std = mlp(hidden, [head], OBS_DIM)
+        self.contact = mlp(hidden, [head], CON_DIM)
+        self.termination = mlp(hidden, [head], 1)
+
+    def forward(self, obs, action, h=None):
+        """Normalised (B, T, 33), (B, T, 8) -> next-state Gaussian (mean, log_std), contact and termination
+        logits for each step, and the GRU state (2, B, hidden)."""
+        x, h = self.gru(torch.cat([obs, action], -1), h)
+        mean = obs + self.mean(x)  # residual on the last input state
+        log_std = LOG_STD_MIN + (LOG_STD_MAX - LOG_STD_MIN) * torch.sigmoid(self.log_std(x))  # bounded
+        return mean, log_std, self.contact(x), self.termination(x).squeeze(-1), h
+
+    def forecast(self, obs, action, horizon):
+        """Warm up on the M history states, then feed back the predicted means: (B, horizon, 33)."""
+        M = obs.shape[1]
+        mean, _, _, _, h = self(obs, action[:, :M])
+        preds = [mean[:, -1:]]
+        for k in range(1, horizon):
+            mean, _, _, _, h = self(preds[-1], action[:, M - 1 + k : M + k], h)
+            preds.append(mean)
+        return torch.cat(preds, 1)
+
+
+def prediction_loss(mean, log_std, con_logit, term_logit, next_obs, next_con, next_term):
+    """L_o (Gaussian NLL) + L_c (contacts, BCE) + termination (BCE) for one step."""
+    nll = (0.5 * ((next_obs - mean) / log_std.exp()) ** 2 + log_std).sum(-1).mean()
+    return nll + F.binary_cross_entropy_with_logits(con_logit, next_con) + \
+        F.binary_cross_entropy_with_logits(term_logit, next_term.squeeze(-1))
+
+
+def rwm_loss(model, obs, action, next_obs, next_con, next_term, M, N):
+    """Eq. (2) with α = 1 on windows of M + N - 1 steps: inner autoregression over the M history steps,
+    then N forecast steps, each fed the model's own reparameterised sample (not detached)."""
+    mean, log_std, con, term, h = model(obs[:, :M], action[:, :M])
+    mean, log_std, con, term = mean[:, -1:], log_std[:, -1:], con[:, -1:], term[:, -1:]
+    loss = 0.0
+    for k in range(N):
+        t = M - 1 + k  # the prediction of state t + 1
+        loss = loss + prediction_loss(mean, log_std, con, term, next_obs[:, t : t + 1], next_con[:, t : t + 1],
+                                      next_term[:, t : t + 1])
+        if k < N - 1:
+            sample = mean + log_std.exp() * torch.randn_like(mean)
+            mean, log_std, con, term, h = model(sample, action[:, t + 1 : t + 2], h)
+    return loss / N
+
+
+def relative_error(pred, target):
+    """e_k = Σ|ŝ - s| / Σ|s| (sums over windows and state dimensions) for each forecast step k: (H,)."""
+    return (pred - target).abs().sum((0, 2)) / target.abs().sum((0, 2))
+
+
+def normalized_batch(buffer, batch, length, obs_rms, rng, device):
+    b = {k: v.to(device) for k, v in buffer.sample(batch, length, rng).items()}
+    b["obs"], b["next_obs"] = obs_rms(b["obs"].double()), obs_rms(b["next_obs"].double())
+    return b
+
+
+def train_world_model(model, optimizer, buffer, obs_rms, args, updates, rng, device, M, N):
+    for _ in range(updates):
+        b = normalized_batch(buffer, args.wm_batch_size, M + N - 1, obs_rms, rng, device)
+        loss = rwm_loss(model, b["obs"], b["action"], b["next_obs"], b["next_contacts"], b["next_term"], M, N)
+        optimizer.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+    return loss.item()
+
+
+class Imagination:
+    """The world model as a batched environment (Algorithm 1 lines 5-6). Every agent starts from a replay
+    window: the GRU warms up on its M real history steps and imagination continues from the real state that
+    follows them (the public code resets the hidden state and keeps one frame)."""
+
+    def __init__(self, model, obs_rms, buffer, n, M, rng, device):
+        self.model, self.obs_rms, self.buffer, self.M, self.rng, self.device = model, obs_rms, buffer, M, rng, device
+        self.h = torch.zeros(model.gru.num_layers, n, model.gru.hidden_size, device=device)
+        self.state, self.prev_action = torch.zeros(n, OBS_DIM, device=device), torch.zeros(n, ACT_DIM, device=device)
+        self.command = torch.zeros(n, CMD_DIM, device=device)
+        self.reset(torch.arange(n, device=device))
+
+    @torch.no_grad()
+    def reset(self, idx):
+        b = {k: v.to(self.device) for k, v in self.buffer.sample(len(idx), self.M, self.rng).items()}
+        obs, action = self.obs_rms(b["obs"].double()), b["action"]
+        _, _, _, _, h = self.model(obs, action)  # warm-up: the hidden state has consumed the M history steps
+        self.h[:, idx] = h
+        self.state[idx] = b["next_obs"][:, -1]  # the real state after the history
+        self.prev_action[idx] = action[:, -1]
+        limit = torch.as_tensor(COMMAND_RANGE, device=self.device)
+        self.command[idx] = (2 * torch.rand(len(idx), CMD_DIM, device=self.device) - 1) * limit
+
+    def policy_obs(self):
+        return policy_obs(self.obs_rms(self.state.double()), self.command)
+
+    @torch.no_grad()
+    def step(self, action):
+        action = action.clamp(-1, 1)
+        mean, log_std, con, term, self.h = self.model(self.obs_rms(self.state.double())[:, None], action[:, None], self.h)
+        next_state = self.obs_rms.denormalize((mean + log_std.exp() * torch.randn_like(mean))[:, 0].double())
+        contacts, done = (torch.sigmoid(con[:, 0]) > 0.5).float(), torch.sigmoid(term[:, 0]) > 0.5
+        reward = task_reward(self.state, next_state, action, self.prev_action, contacts, done.float(), self.command)
+        self.state, self.prev_action = next_state, action
+        if done.any():
+            self.reset(done.nonzero().squeeze(-1))
+        return reward, done.float()
+
+
+# ----------------------------------------------------------------------------------------------------
+# PPO (rsl_rl style: adaptive-KL learning rate, Table S8 networks)
+# ----------------------------------------------------------------------------------------------------
+class Agent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.actor = mlp(POLICY_OBS_DIM, [128, 128, 128], ACT_DIM, nn.ELU)
+        self.critic = mlp(POLICY_OBS_DIM, [128, 128, 128], 1, nn.ELU)
+        self.log_std = nn.Parameter(torch.zeros(ACT_DIM))
+
+    def get_value(self, x):
+        return self.critic(x).squeeze(-1)
+
+    def get_action_and_value(self, x, action=None):
+        mu = self.actor(x)
+        dist = torch.distributions.Normal(mu, self.log_std.exp().expand_as(mu))
+        if action is None:
+            action = dist.sample()
+        return action, dist.log_prob(action).sum(-1), dist.entropy().sum(-1), self.get_value(x), mu
+
+
+@torch.no_grad()
+def rollout(agent, env, num_steps, gamma, lam):
+    """Steps `env` (Simulator or Imagination) with the policy; returns the flat batch with GAE returns."""
+    keys = ("obs", "actions", "logprobs", "values", "mus", "rewards", "dones")
+    buf = {k: [] for k in keys}
+    for _ in range(num_steps):
+        obs = env.policy_obs()
+        action, logprob, _, value, mu = agent.get_action_and_value(obs)
+        reward, done = env.step(action)
+        for k, v in zip(keys, (obs, action, logprob, value, mu, reward.to(obs.device), done.to(obs.device))):
+            buf[k].append(v)
+    buf = {k: torch.stack(v) for k, v in buf.items()}  # (T, B, ...)
+    next_value, advantages, last = agent.get_value(env.policy_obs()), torch.zeros_like(buf["rewards"]), 0
+    for t in reversed(range(num_steps)):  # GAE(λ)
+        value_next = next_value if t == num_steps - 1 else buf["values"][t + 1]
+        nonterminal = 1.0 - buf["dones"][t]
+        delta = buf["rewards"][t] + gamma * value_next * nonterminal - buf["values"][t]
+        advantages[t] = last = delta + gamma * lam * nonterminal * last
+    buf["advantages"], buf["returns"] = advantages, advantages + buf["values"]
+    return {k: v.flatten(0, 1) for k, v in buf.items()}
+
+
+def ppo_update(agent, optimizer, b, args):
+    n = b["obs"].shape[0]
+    mb_size, std_old = n // args.num_minibatches, agent.log_std.exp().detach()
+    for _ in range(args.update_epochs):
+        perm = torch.randperm(n, device=b["obs"].device)
+        for start in range(0, mb_size * args.num_minibatches, mb_size):
+            mb = {k: v[perm[start : start + mb_size]] for k, v in b.items()}
+            _, newlogprob, entropy, newvalue, mu = agent.get_action_and_value(mb["obs"], mb["actions"])
+            std = agent.log_std.exp()
+            with torch.no_grad():  # adaptive learning rate on the Gaussian KL (rsl_rl)
+                kl = (torch.log(std / std_old) + (std_old**2 + (mb["mus"] - mu) ** 2) / (2 * std**2) - 0.5).sum(-1).mean()
+                lr = optimizer.param_groups[0]["lr"]
+                if kl > 2 * args.desired_kl:
+                    lr = max(1e-5, lr / 1.5)
+                elif kl < args.desired_kl / 2:
+                    lr = min(1e-2, lr * 1.5)
+                optimizer.param_groups[0]["lr"] = lr
+            ratio = (newlogprob - mb["logprobs"]).exp()
+            adv = (mb["advantages"] - mb["advantages"].mean()) / (mb["advantages"].std() + 1e-8)
+            pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
+            v_clipped = mb["values"] + (newvalue - mb["values"]).clamp(-args.clip_coef, args.clip_coef)
+            v_loss = torch.max((newvalue - mb["returns"]) ** 2, (v_clipped - mb["returns"]) ** 2).mean()
+            loss = pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy.mean()
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+            optimizer.step()
+    return dict(policy_loss=pg_loss.item(), value_loss=v_loss.item(), entropy=entropy.mean().item(),
+                approx_kl=kl.item(), learning_rate=lr)
+
+
+@torch.no_grad()
+def evaluate(agent, obs_rms, args, episodes, seed):
+    """Deterministic policy (the mean) in the simulator, one episode per env."""
+    sim = Simulator(args, episodes, seed, obs_rms)
+    first = {}
+    while len(first) < episodes:
+        sim.step(agent.actor(sim.policy_obs()))
+        for ep in sim.finished:
+            first.setdefault(ep["env"], ep)
+        sim.finished.clear()
+    eps = list(first.values())
+    successes = sum(not ep["fell"] and ep["tracking_error"] < args.success_error for ep in eps)
+    return dict(episodes=episodes, successes=int(successes), success_rate=successes / episodes,
+                mean_return=float(np.mean([ep["ret"] for ep in eps])),
+                mean_tracking_error=float(np.mean([ep["tracking_error"] for ep in eps])),
+                fall_rate=float(np.mean([ep["fell"] for ep in eps])))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Baselines of the prediction study (Table S7), trained with teacher forcing as in the paper
+# ----------------------------------------------------------------------------------------------------
+class MLPModel(nn.Module):
+    """Next state (residual mean) from the flattened window of the last M (state, action) pairs."""
+
+    def __init__(self, M):
+        super().__init__()
+        self.M, self.net = M, mlp(M * (OBS_DIM + ACT_DIM), [256, 256], OBS_DIM)
+
+    def next_obs(self, obs, action):  # (B, M, ·) -> (B, 33)
+        return obs[:, -1] + self.net(torch.cat([obs, action], -1).flatten(1))
+
+    def loss(self, b):
+        return F.mse_loss(self.next_obs(b["obs"], b["action"]), b["next_obs"][:, -1])
+
+
+class TransformerModel(nn.Module):
+    """Decoder-only Transformer (dim 64, 8 heads, 2 layers, context M, sinusoidal positions)."""
+
+    def __init__(self, M, dim=64):
+        super().__init__()
+        self.M, self.embed = M, nn.Linear(OBS_DIM + ACT_DIM, dim)
+        pos, i = torch.arange(M)[:, None], torch.arange(0, dim, 2)
+        pe = torch.zeros(M, dim)
+        pe[:, 0::2], pe[:, 1::2] = torch.sin(pos / 10000 ** (i / dim)), torch.cos(pos / 10000 ** (i / dim))
+        self.register_buffer("pe", pe)
+        layer = nn.TransformerEncoderLayer(dim, 8, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, OBS_DIM)
+
+    def forward(self, obs, action):  # (B, T <= M, ·) -> next-state prediction at every position
+        T = obs.shape[1]
+        mask = nn.Transformer.generate_square_subsequent_mask(T, device=obs.device)
+        x = self.blocks(self.embed(torch.cat([obs, action], -1)) + self.pe[:T], mask=mask, is_causal=True)
+        return obs + self.head(x)
+
+    def next_obs(self, obs, action):
+        return self(obs, action)[:, -1]
+
+    def loss(self, b):
+        return F.mse_loss(self(b["obs"], b["action"]), b["next_obs"])
+
+
+def rolling_forecast(model, obs, action, horizon):
+    """Autoregression over a sliding window of the last M states, predicted ones appended: (B, horizon, 33)."""
+    M = obs.shape[1]
+    for k in range(horizon):
+        pred = model.next_obs(obs[:, -M:], action[:, k : k + M])
+        obs = torch.cat([obs, pred[:, None]], 1)
+    return obs[:, M:]
+
+
+class RSSMModel(nn.Module):
+    """The shared DreamerV3 RSSM (rssm.py) with its vector encoder/decoder; reward and continuation heads off."""
+
+    def __init__(self):
+        super().__init__()
+        cfg = RSSMConfig.preset("small", obs_shape=(OBS_DIM,), action_dim=ACT_DIM, reward_scale=0.0, cont_scale=0.0)
+        self.rssm = RSSM(cfg)
+
+    def observe(self, obs, action):  # rssm.py: actions[:, t] leads into frame t
+        prev_action = torch.cat([torch.zeros_like(action[:, :1]), action[:, :-1]], 1)
+        is_first = torch.zeros(obs.shape[:2], dtype=torch.bool, device=obs.device)
+        is_first[:, 0] = True
+        return self.rssm.observe(self.rssm.encode(obs), prev_action, is_first)
+
+    def loss(self, b):
+        post, prior = self.observe(b["obs"], b["action"])
+        zeros = torch.zeros(b["obs"].shape[:2], device=b["obs"].device)
+        return self.rssm.loss(post, prior, b["obs"], zeros, 1 - zeros)[0]
+
+    def forecast(self, obs, action, horizon):
+        M = obs.shape[1]
+        post, _ = self.observe(obs, action[:, :M])
+        state, preds = {k: v[:, -1] for k, v in post.items()}, []
+        for k in range(horizon):
+            state = self.rssm.img_step(state, action[:, M - 1 + k], sample=False)
+            preds.append(self.rssm.decode(self.rssm.feat(state)))
+        return torch.stack(preds, 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Runs
+# ----------------------------------------------------------------------------------------------------
+def save_checkpoint(path, **state):
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a killed run keeps the last good checkpoint
+
+
+def load_checkpoint(path, args=None):
+    """One-line errors for unreadable checkpoints and for those of another configuration."""
+    try:
+        ckpt = torch.load(path, map_location="cpu")
+    except Exception as e:
+        raise SystemExit(f"error: cannot load checkpoint {path}: not a readable torch checkpoint ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or "args" not in ckpt:
+        raise SystemExit(f"error: {path} is not a checkpoint of {os.path.basename(__file__)} (no 'args')")
+    for field in ARCH_FIELDS if args is not None else ():
+        if ckpt["args"].get(field) != getattr(args, field):
+            raise SystemExit(f"error: checkpoint {path} has {field}={ckpt['args'].get(field)!r}, "
+                             f"this run has {field}={getattr(args, field)!r}")
+    return ckpt
+
+
+def check_finite(name, value, step):
+    if not math.isfinite(value):
+        raise SystemExit(f"error: {name} is {value} at step {step}; the last good checkpoint is kept")
+
+
+def rng_state(rng):
+    return dict(python=random.getstate(), numpy=rng.bit_generator.state, torch=torch.get_rng_state())
+
+
+def set_rng_state(rng, s):
+    random.setstate(s["python"])
+    rng.bit_generator.state = s["numpy"]
+    torch.set_rng_state(s["torch"])
+
+
+def log_episodes(writer, sim, step):
+    for ep in sim.finished:
+        writer.add_scalar("charts/episodic_return", ep["ret"], step)
+        writer.add_scalar("charts/episodic_length", ep["length"], step)
+        writer.add_scalar("charts/tracking_error", ep["tracking_error"], step)
+    sim.finished.clear()
+
+
+def log_eval(writer, run_dir, mode, result, step, start_time):
+    row = dict(mode=mode, global_step=step, wall_time_s=time.time() - start_time, **result)
+    for k in ("mean_return", "mean_tracking_error", "success_rate", "fall_rate"):
+        writer.add_scalar(f"eval/{k}", result[k], step)
+    with open(os.path.join(run_dir, "eval_history.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(f"eval step={step} return={result['mean_return']:.2f} tracking_error={result['mean_tracking_error']:.3f} "
+          f"falls={result['fall_rate']:.2f} wall={row['wall_time_s']:.0f}s", flush=True)
+
+
+def policy_learning(args, writer, run_dir, device, rng, ckpt):
+    """--mode mbpo-ppo (Algorithm 1) and --mode ppo-sim: the same PPO, on imagined or on real rollouts."""
+    mbpo = args.mode == "mbpo-ppo"
+    agent, obs_rms = Agent().to(device), Normalizer(OBS_DIM).to(device)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate)
+    M, N = args.history_horizon, args.forecast_horizon
+    if mbpo:  # Algorithm 1 line 1: policy, world model, replay buffer
+        model = RWM(args.wm_hidden).to(device)
+        wm_optimizer = torch.optim.Adam(model.parameters(), lr=args.wm_lr)
+        buffer = ReplayBuffer(args.num_real_envs, args.buffer_size)
+        sim = Simulator(args, args.num_real_envs, args.seed, obs_rms, buffer)
+        num_iterations = args.iterations
+    else:
+        sim = Simulator(args, args.num_envs, args.seed, obs_rms, update_rms=True)
+        num_iterations = args.total_timesteps // (args.num_envs * args.num_steps)
+    iteration, global_step, start_time = 0, 0, time.time()
+    if ckpt is not None:
+        agent.load_state_dict(ckpt["agent"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        obs_rms.load_state_dict(ckpt["obs_rms"])
+        if mbpo:
+            model.load_state_dict(ckpt["world_model"])
+            wm_optimizer.load_state_dict(ckpt["wm_optimizer"])
+            buffer.load_state_dict(ckpt["buffer"])
+            offset = int(buffer.episode.max()) + 1  # new episode ids, so no window spans the restart
+            sim.episode, sim.next_episode = sim.episode + offset, sim.next_episode + offset
+        iteration, global_step = ckpt["iteration"], ckpt["global_step"]
+        start_time -= ckpt["wall_time_s"]
+        set_rng_state(rng, ckpt["rng"])
+    elif mbpo:  # offline pretraining of the world model on simulator data (§V)
+        rollout(agent, sim, args.pretrain_steps, args.gamma, args.gae_lambda)
+        global_step += args.pretrain_steps * args.num_real_envs
+        obs_rms.update(buffer.data["obs"][:, : min(buffer.t, buffer.size)])  # fixed from here on
+        for done in range(0, args.pretrain_updates, 100):
+            n = min(100, args.pretrain_updates - done)
+            wm_loss = train_world_model(model, wm_optimizer, buffer, obs_rms, args, n, rng, device, M, N)
+            check_finite("world-model pretraining loss", wm_loss, done + n)
+            writer.add_scalar("world_model/pretrain_loss", wm_loss, done + n)
+            print(f"pretrain world model: update {done + n}/{args.pretrain_updates} loss={wm_loss:.3f} "
+                  f"({time.time() - start_time:.0f}s)", flush=True)
+        log_episodes(writer, sim, global_step)
+
+    def checkpoint():
+        state = dict(args=asdict(args), agent=agent.state_dict(), optimizer=optimizer.state_dict(),
+                     obs_rms=obs_rms.state_dict(), iteration=iteration, global_step=global_step,
+                     wall_time_s=time.time() - start_time, rng=rng_state(rng))
+        if mbpo:
+            state.update(world_model=model.state_dict(), wm_optimizer=wm_optimizer.state_dict(),
+                         buffer=buffer.state_dict())
+        if args.save_model:
+            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), **state)
+
+    def evaluate_and_log():  # deterministic policy in the simulator, same start states every time
+        result = evaluate(agent, obs_rms, args, args.eval_episodes, args.seed + 10_000)
+        log_eval(writer, run_dir, args.mode, result, global_step, start_time)
+
+    if iteration == 0:
+        evaluate_and_log()  # the untrained policy starts the curves of eval_history.jsonl
+    while iteration < num_iterations:
+        t0, iteration = time.time(), iteration + 1
+        if mbpo:
+            # line 3: collect observation-action pairs in D with π (the PPO batch of real steps is not used)
+            rollout(agent, sim, args.real_steps, args.gamma, args.gae_lambda)
+            global_step += args.real_steps * args.num_real_envs
+            # line 4: update the world model with autoregressive training (Eq. 2)
+            wm_loss = train_world_model(model, wm_optimizer, buffer, obs_rms, args, args.wm_updates, rng, device, M, N)
+            check_finite("world-model loss", wm_loss, global_step)
+            writer.add_scalar("world_model/loss", wm_loss, global_step)
+            # lines 5-6: imagination agents from D (with the M-step warm-up), rolled out for T steps
+            imagination = Imagination(model, obs_rms, buffer, args.imagination_envs, M, rng, device)
+            b = rollout(agent, imagination, args.imagination_steps, args.gamma, args.gae_lambda)
+            writer.add_scalar("imagination/reward", b["rewards"].mean().item(), global_step)
+            writer.add_scalar("imagination/termination_rate", b["dones"].mean().item(), global_step)
+        else:
+            b = rollout(agent, sim, args.num_steps, args.gamma, args.gae_lambda)
+            global_step += args.num_steps * args.num_envs
+        # line 7: PPO update
+        stats = ppo_update(agent, optimizer, b, args)
+        check_finite("PPO value loss", stats["value_loss"], global_step)
+        for k, v in stats.items():
+            writer.add_scalar(f"losses/{k}", v, global_step)
+        log_episodes(writer, sim, global_step)
+        sps = int(b["obs"].shape[0] / (time.time() - t0))
+        writer.add_scalar("charts/SPS", sps, global_step)
+        if iteration % args.eval_every == 0 or iteration == num_iterations:
+            evaluate_and_log()
+            checkpoint()
+        print(f"iter {iteration}/{num_iterations} real_steps={global_step} SPS={sps} kl={stats['approx_kl']:.4f} "
+              f"lr={stats['learning_rate']:.1e} ({time.time() - start_time:.0f}s, "
+              f"~{(num_iterations - iteration) * (time.time() - t0) / 60:.0f} min left)", flush=True)
+    result = evaluate(agent, obs_rms, args, args.eval_episodes, args.seed + 20_000)
+    with open(os.path.join(run_dir, "eval.json"), "w") as f:
+        json.dump(dict(env_id=args.env_id, mode=args.mode, global_step=global_step,
+                       wall_time_s=time.time() - start_time, **result), f, indent=2)
+    print(json.dumps(result))
+
+
+def prediction_study(args, writer, run_dir, device, rng):
+    """Fig. 6-8: train each model on one dataset, then the relative autoregressive error on held-out windows."""
+    M, N, H = args.history_horizon, args.forecast_horizon, args.study_eval_horizon
+    agent, obs_rms = Agent(), Normalizer(OBS_DIM)
+    if args.study_policy:
+        ckpt = load_checkpoint(args.study_policy)
+        agent.load_state_dict(ckpt["agent"])
+        obs_rms.load_state_dict(ckpt["obs_rms"])
+    buffers = []
+    for seed, steps in ((args.seed, args.study_steps), (args.seed + 1000, max(M + H, args.study_steps // 4))):
+        buffers.append(ReplayBuffer(args.num_real_envs, steps))
+        rollout(agent, Simulator(args, args.num_real_envs, seed, obs_rms, buffers[-1]), steps, args.gamma, args.gae_lambda)
+    train_buf, test_buf = buffers
+    data_rms = Normalizer(OBS_DIM).to(device)
+    data_rms.update(train_buf.data["obs"])
+    models = {"RWM-AR": (RWM(args.wm_hidden), N, 1e-3), "RWM-TF": (RWM(args.wm_hidden), 1, 1e-3),
+              "MLP": (MLPModel(M), 1, 1e-3), "RSSM": (RSSMModel(), 1, 3e-4), "Transformer": (TransformerModel(M), 1, 3e-4)}
+    test = normalized_batch(test_buf, args.study_eval_windows, M + H - 1, data_rms, np.random.default_rng(0), device)
+    results, checkpoints = {}, {}
+    for name, (model, n_forecast, lr) in models.items():
+        model.to(device)
+        optimizer, t0 = torch.optim.Adam(model.parameters(), lr=lr), time.time()
+        for update in range(1, args.study_updates + 1):
+            b = normalized_batch(train_buf, args.wm_batch_size, M + n_forecast - 1, data_rms, rng, device)
+            if isinstance(model, RWM):
+                loss = rwm_loss(model, b["obs"], b["action"], b["next_obs"], b["next_contacts"], b["next_term"], M, n_forecast)
+            else:
+                loss = model.loss(b)
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            if update % 100 == 0 or update == args.study_updates:
+                check_finite(f"{name} loss", loss.item(), update)
+                writer.add_scalar(f"world_model/{name}_loss", loss.item(), update)
+                print(f"{name}: update {update}/{args.study_updates} loss={loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
+        train_time = time.time() - t0
+        model.eval()
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        row = dict(train_time_s=train_time)
+        for sigma in (0.0, *args.study_noise):  # noise on the history states and on all actions; clean targets
+            obs = test["obs"][:, :M] + sigma * torch.randn(test["obs"][:, :M].shape, generator=gen, device=device)
+            action = test["action"] + sigma * torch.randn(test["action"].shape, generator=gen, device=device)
+            with torch.no_grad():
+                forecast = model.forecast(obs, action, H) if hasattr(model, "forecast") else rolling_forecast(model, obs, action, H)
+            e = relative_error(forecast, test["next_obs"][:, M - 1 :])
+            row[f"sigma_{sigma}"] = dict(per_step=e.tolist(), mean=e.mean().item())
+        results[name] = row
+        checkpoints[name] = model.state_dict()
+    table = ["| model | e (step 1) | e (step N) | e (step H) | mean e | " + " | ".join(f"σ={s}" for s in args.study_noise)
+             + " | train s |", "|" + " --- |" * (6 + len(args.study_noise))]
+    for name, row in results.items():
+        clean = row["sigma_0.0"]["per_step"]
+        noisy = " | ".join(f"{row[f'sigma_{s}']['mean']:.3f}" for s in args.study_noise)
+        table.append(f"| {name} | {clean[0]:.3f} | {clean[min(N, H) - 1]:.3f} | {clean[-1]:.3f} | "
+                     f"{row['sigma_0.0']['mean']:.3f} | {noisy} | {row['train_time_s']:.0f} |")
+    header = (f"Relative autoregressive prediction error e (normalised space), M={M}, N={N}, H={H} forecast steps, "
+              f"{args.study_eval_windows} test windows; noise columns: mean e over the H steps.\n\n")
+    with open(os.path.join(run_dir, "prediction_study.json"), "w") as f:
+        json.dump(dict(env_id=args.env_id, history_horizon=M, forecast_horizon=N, eval_horizon=H,
+                       real_steps=args.study_steps * args.num_real_envs, models=results), f, indent=2)
+    with open(os.path.join(run_dir, "prediction_study.md"), "w") as f:
+        f.write(header + "\n".join(table) + "\n")
+    writer.add_text("prediction_study", "\n".join(table))
+    save_checkpoint(os.path.join(run_dir, "prediction_study.pt"), args=asdict(args), obs_rms=data_rms.state_dict(),
+                    models=checkpoints)
+    print(header + "\n".join(table))
+
+
+if __name__ == "__main__":
+    args, ckpt = parse_args()
+    if ckpt is not None:
+        run_dir = os.path.dirname(os.path.abspath(args.resume))
+    else:
+        run_name = f"{args.env_id}__{args.exp_name}__{args.mode}__{args.seed}__{int(time.time())}"
+        run_dir = os.path.join(args.runs_dir, run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=2)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    rng = np.random.default_rng(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    if args.mode == "prediction-study":
+        prediction_study(args, writer, run_dir, device, rng)
+    else:
+        policy_learning(args, writer, run_dir, device, rng, ckpt)
+    writer.close()

@@ -1,0 +1,272 @@
+"""rwm_mbpo_ppo.py: the dual-autoregressive loss, the warm-up, the error metric, the imagination reward,
+and a `--preset tiny` run of every mode (outputs, checkpoints, --resume, bad checkpoints)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import rwm_mbpo_ppo as rwm  # noqa: E402
+
+torch.set_num_threads(1)
+B, M = 4, 5
+
+
+def make_batch(L, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(obs=torch.randn(B, L, rwm.OBS_DIM, generator=g), action=torch.rand(B, L, rwm.ACT_DIM, generator=g) * 2 - 1,
+                next_obs=torch.randn(B, L, rwm.OBS_DIM, generator=g),
+                next_contacts=(torch.rand(B, L, rwm.CON_DIM, generator=g) > 0.5).float(),
+                next_term=(torch.rand(B, L, 1, generator=g) > 0.9).float())
+
+
+def loss_of(model, b, N):
+    return rwm.rwm_loss(model, b["obs"], b["action"], b["next_obs"], b["next_contacts"], b["next_term"], M, N)
+
+
+class Spy(rwm.RWM):
+    """Records the inputs of every call (their gradients kept)."""
+
+    def forward(self, obs, action, h=None):
+        if obs.requires_grad:
+            obs.retain_grad()
+        self.calls.append(obs)
+        return super().forward(obs, action, h)
+
+
+def spy(hidden=16):
+    torch.manual_seed(0)
+    model = Spy(hidden)
+    model.calls = []
+    return model
+
+
+def test_autoregressive_loss_with_one_forecast_step_is_teacher_forcing():
+    torch.manual_seed(0)
+    model, b = rwm.RWM(16), make_batch(M)
+    # teacher forcing, written plainly: one parallel pass over the true states, loss on the prediction of s_M
+    mean, log_std, con, term, _ = model(b["obs"], b["action"])
+    target = b["next_obs"][:, M - 1]
+    log_p = torch.distributions.Normal(mean[:, -1], log_std[:, -1].exp()).log_prob(target).sum(-1)
+    nll = -log_p.mean() - 0.5 * math.log(2 * math.pi) * rwm.OBS_DIM  # the script drops the constant
+    p_c, y_c = torch.sigmoid(con[:, -1]), b["next_contacts"][:, M - 1]
+    bce_c = -(y_c * p_c.log() + (1 - y_c) * (1 - p_c).log()).mean()
+    p_d, y_d = torch.sigmoid(term[:, -1]), b["next_term"][:, M - 1, 0]
+    bce_d = -(y_d * p_d.log() + (1 - y_d) * (1 - p_d).log()).mean()
+    expected = nll + bce_c + bce_d
+    torch.testing.assert_close(loss_of(model, b, 1), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_gradients_flow_through_fed_back_samples():
+    model, b = spy(), make_batch(M + 2)
+    loss_of(model, b, 3).backward()
+    fed_back = model.calls[1:]
+    assert len(fed_back) == 2
+    for obs in fed_back:
+        assert obs.requires_grad and obs.grad is not None and obs.grad.abs().sum() > 0
+    # ... and through them into the parameters: a loss on the last step only reaches the mean head via the samples
+    assert model.mean[0].weight.grad.abs().sum() > 0
+
+
+def test_warm_up_consumes_exactly_M_steps():
+    N = 4
+    model, b = spy(), make_batch(M + N - 1)
+    loss_of(model, b, N)
+    assert [o.shape[1] for o in model.calls] == [M] + [1] * (N - 1)
+    torch.testing.assert_close(model.calls[0], b["obs"][:, :M])
+
+    def loss_with(obs):
+        torch.manual_seed(1)
+        return loss_of(model, dict(b, obs=obs), N)
+
+    base = loss_with(b["obs"])
+    after = b["obs"].clone()
+    after[:, M:] += 10.0  # true states after the history are never inputs
+    torch.testing.assert_close(loss_with(after), base)
+    last = b["obs"].clone()
+    last[:, M - 1] += 1.0  # the last history step is
+    assert not torch.allclose(loss_with(last), base)
+    first = b["obs"].clone()
+    first[:, 0] += 1.0  # and so is the first
+    assert not torch.allclose(loss_with(first), base)
+
+
+def test_imagination_starts_after_an_M_step_warm_up():
+    buffer, rms = rwm.ReplayBuffer(1, 50), rwm.Normalizer(rwm.OBS_DIM)
+    states = torch.arange(51, dtype=torch.float32)[:, None].repeat(1, rwm.OBS_DIM)  # state t = t everywhere
+    for t in range(50):
+        buffer.add(np.array([0]), obs=states[t:t + 1].numpy(), action=np.zeros((1, rwm.ACT_DIM)),
+                   next_obs=states[t + 1:t + 2].numpy(), next_contacts=np.zeros((1, rwm.CON_DIM)), next_term=np.zeros(1))
+    model = spy()
+    im = rwm.Imagination(model, rms, buffer, 3, M, np.random.default_rng(0), "cpu")
+    warm = model.calls[0]
+    assert warm.shape[:2] == (3, M)
+    # the imagined state is the real one right after the history, the GRU state is the warm-up's
+    torch.testing.assert_close(im.state[:, 0], warm[:, -1, 0] + 1)
+    torch.testing.assert_close(im.h, model(warm, torch.zeros(3, M, rwm.ACT_DIM))[-1])
+
+
+def test_forecasts_pair_each_state_with_its_own_action():
+    """The model that predicts state M + k gets action M + k - 1 (the public evaluation is off by one)."""
+    H = 4
+    obs = torch.randn(2, M, rwm.OBS_DIM)
+    action = torch.arange(M + H - 1, dtype=torch.float32)[None, :, None].repeat(2, 1, rwm.ACT_DIM)  # action t = t
+    model = spy()
+    seen = []
+    model.gru.register_forward_hook(lambda mod, inp, out: seen.append(inp[0][0, :, -1].tolist()))
+    assert model.forecast(obs, action, H).shape == (2, H, rwm.OBS_DIM)
+    assert sum(seen, []) == list(range(M + H - 1))
+    mlp = rwm.MLPModel(M)
+    windows = []
+    mlp.next_obs = lambda o, a: windows.append(a[0, :, 0].tolist()) or o[:, -1]
+    rwm.rolling_forecast(mlp, obs, action, H)
+    assert windows == [list(range(k, k + M)) for k in range(H)]
+    rssm = rwm.RSSMModel()
+    used = []
+    step = rssm.rssm.img_step
+    rssm.rssm.img_step = lambda state, a, sample=True: used.append(a[0, 0].item()) or step(state, a, sample)
+    rssm.forecast(obs, action, H)
+    assert used[-H:] == list(range(M - 1, M + H - 1))
+
+
+def test_relative_error_hand_case():
+    target = torch.tensor([[[1.0, -1.0], [2.0, 2.0]], [[0.0, 2.0], [-4.0, 0.0]]])  # (B=2, H=2, D=2)
+    pred = torch.tensor([[[1.5, -1.0], [2.0, 0.0]], [[0.0, 1.0], [-4.0, 2.0]]])
+    # step 1: (0.5 + 1) / (1 + 1 + 2) ; step 2: (2 + 2) / (2 + 2 + 4)
+    torch.testing.assert_close(rwm.relative_error(pred, target), torch.tensor([1.5 / 4, 4 / 8]))
+
+
+class Oracle(torch.nn.Module):
+    """A world model that predicts the simulator's recorded next states and contacts exactly."""
+
+    def __init__(self, rms, nexts, contacts):
+        super().__init__()
+        self.gru = torch.nn.GRU(1, 4, 2)
+        self.rms, self.queue = rms, list(zip(nexts, contacts))
+
+    def forward(self, obs, action, h=None):
+        n = obs.shape[0]
+        if obs.shape[1] > 1:  # warm-up
+            return obs, obs, torch.zeros(n, obs.shape[1], rwm.CON_DIM), torch.zeros(n, obs.shape[1]), torch.zeros(2, n, 4)
+        nxt, con = self.queue.pop(0)
+        return (self.rms(nxt.double())[:, None], torch.full((n, 1, rwm.OBS_DIM), -40.0), (2 * con - 1)[:, None] * 50,
+                torch.full((n, 1), -50.0), h)
+
+
+def test_imagination_reward_matches_the_simulator():
+    args = rwm.Args(**rwm.PRESETS["tiny"])
+    env = rwm.make_env(args)
+    obs, _ = env.reset(seed=3)
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(30):
+        state, command, prev_action = obs[:rwm.OBS_DIM], obs[rwm.OBS_DIM:], env.prev_action
+        action = rng.uniform(-1, 1, rwm.ACT_DIM) * 0.5
+        obs, reward, terminated, truncated, info = env.step(action)
+        assert not (terminated or truncated)
+        rows.append((state, command, prev_action, action, obs[:rwm.OBS_DIM], info["contacts"], reward))
+    assert np.std([r[-1] for r in rows]) > 0
+    assert sum(r[5][:4].sum() for r in rows) > 0  # the feet touch the floor
+    tensor = lambda i: torch.tensor(np.stack([r[i] for r in rows]), dtype=torch.float32)  # noqa: E731
+    state, command, prev_action, action, next_state, contacts = (tensor(i) for i in range(6))
+    sim_reward = torch.tensor([r[-1] for r in rows], dtype=torch.float32)
+    # the reward function on the same states, in torch and batched
+    no_term = torch.zeros(len(rows))
+    torch.testing.assert_close(rwm.task_reward(state, next_state, action, prev_action, contacts, no_term, command),
+                               sim_reward, rtol=1e-4, atol=1e-4)
+    fell = rwm.task_reward(state, next_state, action, prev_action, contacts, no_term + 1, command)
+    torch.testing.assert_close(fell - sim_reward, no_term + rwm.DT * rwm.REWARD_WEIGHTS["termination"])
+    # the imagination environment, stepping an oracle model through the recorded transitions one by one
+    buffer, rms = rwm.ReplayBuffer(1, 20), rwm.Normalizer(rwm.OBS_DIM)
+    rms.update(next_state)
+    for t in range(20):
+        buffer.add(np.array([0]), obs=state[t:t + 1].numpy(), action=action[t:t + 1].numpy(),
+                   next_obs=next_state[t:t + 1].numpy(), next_contacts=contacts[t:t + 1].numpy(), next_term=np.zeros(1))
+    oracle = Oracle(rms, next_state[:, None], contacts[:, None])
+    im = rwm.Imagination(oracle, rms, buffer, 1, M, np.random.default_rng(0), "cpu")
+    im.state, im.prev_action, im.command = state[:1].clone(), prev_action[:1].clone(), command[:1].clone()
+    for t in range(len(rows)):
+        im.command = command[t:t + 1].clone()  # the simulator resamples commands; imagination keeps its own
+        reward, done = im.step(action[t:t + 1])
+        assert done.item() == 0.0
+        torch.testing.assert_close(reward, sim_reward[t:t + 1], rtol=1e-5, atol=1e-5)
+
+
+def run(*flags, check=True, preset=("--preset", "tiny")):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "rwm_mbpo_ppo.py"), *preset, *flags],
+                          capture_output=True, text=True, env=env, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def only_run(runs_dir):
+    (name,) = os.listdir(runs_dir)
+    return os.path.join(runs_dir, name)
+
+
+EVAL_KEYS = {"env_id", "episodes", "successes", "success_rate", "mean_return", "global_step", "wall_time_s",
+             "mean_tracking_error"}
+
+
+@pytest.mark.parametrize("mode", ["mbpo-ppo", "ppo-sim"])
+def test_tiny_policy_learning_writes_outputs_and_resumes(mode, tmp_path):
+    run("--mode", mode, "--runs-dir", str(tmp_path))
+    run_dir = only_run(tmp_path)
+    result = json.load(open(os.path.join(run_dir, "eval.json")))
+    assert EVAL_KEYS <= set(result) and result["episodes"] == 2 and result["global_step"] > 0
+    assert all(math.isfinite(result[k]) for k in ("mean_return", "mean_tracking_error"))
+    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location="cpu")
+    assert {"agent", "obs_rms", "optimizer", "global_step", "iteration", "args"} <= set(ckpt)
+    assert ckpt["obs_rms"]["count"] > 1  # normalisers travel with the policy
+    if mode == "mbpo-ppo":
+        assert {"world_model", "wm_optimizer", "buffer"} <= set(ckpt)
+    agent = rwm.Agent()
+    agent.load_state_dict(ckpt["agent"])
+    more = ["--iterations", "5"] if mode == "mbpo-ppo" else ["--total-timesteps", "384"]
+    run("--resume", os.path.join(run_dir, "checkpoint.pt"), *more, preset=())  # the checkpoint's arguments
+    resumed = torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location="cpu")
+    assert resumed["iteration"] > ckpt["iteration"] and resumed["global_step"] > ckpt["global_step"]
+    assert json.load(open(os.path.join(run_dir, "eval.json")))["global_step"] == resumed["global_step"]
+
+
+def test_tiny_prediction_study_writes_table(tmp_path):
+    run("--mode", "prediction-study", "--runs-dir", str(tmp_path))
+    run_dir = only_run(tmp_path)
+    study = json.load(open(os.path.join(run_dir, "prediction_study.json")))
+    H = rwm.PRESETS["tiny"]["study_eval_horizon"]
+    assert set(study["models"]) == {"RWM-AR", "RWM-TF", "MLP", "RSSM", "Transformer"}
+    for row in study["models"].values():
+        for sigma in (0.0, 0.1, 0.2, 0.4, 0.5, 0.8):
+            assert len(row[f"sigma_{sigma}"]["per_step"]) == H and math.isfinite(row[f"sigma_{sigma}"]["mean"])
+    table = open(os.path.join(run_dir, "prediction_study.md")).read()
+    assert table.count("\n| RWM-") == 2 and "σ=0.8" in table
+    ckpt = torch.load(os.path.join(run_dir, "prediction_study.pt"), map_location="cpu")
+    assert set(ckpt["models"]) == set(study["models"]) and "obs_rms" in ckpt
+
+
+def test_bad_checkpoint_gives_one_line_error(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    proc = run("--resume", str(bad), "--runs-dir", str(tmp_path), check=False)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and str(bad) in lines[0], proc.stderr
+
+
+def test_checkpoint_of_another_config_names_the_field(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    args = rwm.Args(**rwm.PRESETS["tiny"])
+    rwm.save_checkpoint(path, args=dict(vars(args), wm_hidden=64))
+    with pytest.raises(SystemExit, match="wm_hidden=64"):
+        rwm.load_checkpoint(path, args)
+    assert not os.path.exists(path + ".tmp")
