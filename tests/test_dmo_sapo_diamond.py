@@ -133,14 +133,16 @@ def test_reward_model_ranks_later_frames_higher(play_data, tmp_path):
     model = dmo.train_reward_model(args, data, goal, torch.device("cpu"), SummaryWriter(str(tmp_path)), str(tmp_path))
     ckpt = torch.load(tmp_path / "reward_model.pt", map_location="cpu", weights_only=False)
     assert ckpt["done"] and ckpt["kind"] == "reward_model"
-    # held-out episodes: later frames of a segment score higher than earlier ones, given its first and last frame
-    episodes = torch.unique(data["episode"])
-    held_out = episodes[-max(1, len(episodes) // 10):]
-    s = dmo.window_starts(data, 16, held_out)
-    with torch.no_grad():  # (start, goal, earlier, later) = frames 0, 15, 2 and 13 of every held-out 16-frame segment
-        e = [model.embed(dmo.to_float(data["obs"][s + k])) for k in (0, 15, 2, 13)]
+    # unseen play (another seed): later frames of a segment score higher than earlier ones, given its first and
+    # last frame; (start, goal, earlier, later) = frames 0, 15, 2 and 13 of every 16-frame segment
+    unseen = str(tmp_path / "unseen.npz")
+    envs.save_dataset(unseen, envs.collect("PushT-v0", 800, seed=7, verbose=False))
+    test = dmo.load_play_data(dmo.Args(**{**dmo.PRESETS["tiny"], "data_path": unseen}), torch.device("cpu"))
+    s = dmo.window_starts(test, 16)
+    with torch.no_grad():
+        e = [model.embed(dmo.to_float(test["obs"][s + k])) for k in (0, 15, 2, 13)]
         acc = (model.energy(e[3], e[0], e[1]) > model.energy(e[2], e[0], e[1])).float().mean().item()
-    assert len(s) > 100 and acc > 0.75
+    assert len(s) > 500 and acc > 0.65, acc  # chance is 0.5
 
 
 def run_script(*args, timeout=300):
