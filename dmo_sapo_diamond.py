@@ -12,7 +12,7 @@ The policy is trained entirely inside learned models and deployed zero-shot in t
 
     python dmo_sapo_diamond.py --seed 1                   # `default` preset: 2-core CPU, about an hour
     python dmo_sapo_diamond.py --seed 1 --preset tiny     # the whole pipeline in about a minute
-    python dmo_sapo_diamond.py --seed 1 --preset paper --cuda   # Table 4 sizes (GPU)
+    python dmo_sapo_diamond.py --seed 1 --preset paper          # Table 4 sizes (on a GPU)
     python dmo_sapo_diamond.py --seed 1 --forward-model rssm    # ablation "No Diffusion"
     python dmo_sapo_diamond.py --seed 1 --no-rssm-finetune      # ablation "No RSSM Finetuning"
 """
@@ -50,7 +50,7 @@ class Args:
     """seed of the experiment"""
     torch_deterministic: bool = True
     """`torch.backends.cudnn.deterministic = True`"""
-    cuda: bool = False
+    cuda: bool = True
     """use CUDA if available"""
     capture_video: bool = True
     """write videos (imagined vs real rollouts, evaluation episodes) to the run directory"""
