@@ -216,7 +216,6 @@ def load_play_data(args, device):
         "is_first": is_first.to(device),
         "episode": (torch.cumsum(is_first.long(), 0) - 1).to(device),
         "state": data.get("state"),
-        "path": path,
     }
 
 

@@ -114,8 +114,8 @@ if __name__ == "__main__":
         size, method, batch = args.one.split(",")
         print(json.dumps(measure(size, method, int(batch), args.horizon, args.cuda)))
         sys.exit(0)
-    print(f"| size | batch x horizon | method | forward s | backward s | update s | peak memory MB | "
-          f"DMO cheaper: time / memory |")
+    print("| size | batch x horizon | method | forward s | backward s | update s | peak memory MB | "
+          "DMO cheaper: time / memory |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for size, batch in (("default", args.default_batch), ("paper", args.paper_batch)):
         rows = {}
