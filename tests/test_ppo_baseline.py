@@ -1,0 +1,138 @@
+"""ppo_baseline.py: GAE against a plain loop, tiny runs in the world model and in the simulator, and checkpoint errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+import envs
+import ppo_baseline as ppo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEYS = ("env_id", "episodes", "successes", "success_rate", "mean_return", "mean_coverage", "global_step", "wall_time_s")
+torch.set_num_threads(1)
+
+
+def test_gae_matches_a_plain_loop():
+    T, B, gamma, lam = 7, 3, 0.9, 0.8
+    g = torch.Generator().manual_seed(0)
+    rewards, values, next_value = torch.randn(T, B, generator=g), torch.randn(T, B, generator=g), torch.randn(B, generator=g)
+    dones = torch.zeros(T, B)
+    dones[2, 0] = dones[6, 1] = dones[0, 2] = dones[3, 2] = 1  # episode ends after these steps
+    advantages, returns = ppo.gae(rewards, values, dones, next_value, gamma, lam)
+    for b in range(B):
+        r, v, d = rewards[:, b].tolist(), values[:, b].tolist() + [next_value[b].item()], dones[:, b].tolist()
+        for t in range(T):
+            # A_t = sum_l (gamma lam)^l delta_{t+l}, up to and including the step that ends the episode
+            ref, discount = 0.0, 1.0
+            for k in range(t, T):
+                delta = r[k] + (0.0 if d[k] else gamma * v[k + 1]) - v[k]
+                ref += discount * delta
+                if d[k]:
+                    break
+                discount *= gamma * lam
+            assert advantages[t, b].item() == pytest.approx(ref, rel=1e-5, abs=1e-6)
+            assert returns[t, b].item() == pytest.approx(ref + v[t], rel=1e-5, abs=1e-6)
+
+
+class Bandit:
+    """A contextual bandit in the environment interface: bright frames want action (0.5, 0.5), dark ones (-0.5, -0.5)."""
+
+    def __init__(self, n, size):
+        self.n, self.size, self.finished = n, size, []
+        self.new_obs()
+
+    def new_obs(self):
+        self.sign = torch.randint(2, (self.n,)) * 2.0 - 1
+        self.obs = ((self.sign > 0).to(torch.uint8) * 255)[:, None, None, None, None].expand(-1, 4, 3, self.size, self.size)
+
+    def step(self, action):
+        reward = -(action - 0.5 * self.sign[:, None]).pow(2).sum(-1)
+        self.new_obs()
+        done = torch.zeros(self.n, dtype=torch.bool)
+        return self.obs, reward, done, done, self.obs
+
+
+def test_ppo_learns_a_contextual_bandit(tmp_path):
+    torch.manual_seed(0)
+    args = ppo.Args(**{**ppo.PRESETS["tiny"], "img_size": 16, "num_envs": 16, "num_steps": 8, "minibatch_size": 32,
+                       "total_timesteps": 16 * 8 * 40, "learning_rate": 3e-3, "save_model": False})
+    agent, global_step = ppo.ppo(args, Bandit(16, 16), torch.device("cpu"), SummaryWriter(str(tmp_path)), str(tmp_path))
+    assert global_step == 16 * 8 * 40
+    bright, dark = (torch.full((1, 4, 3, 16, 16), v, dtype=torch.uint8) for v in (255, 0))
+    with torch.no_grad():  # the mean overshoots +-0.5 while the std is large: clipping caps the far tail's error
+        assert (agent.act(bright) > 0.3).all() and (agent.act(dark) < -0.3).all(), (agent.act(bright), agent.act(dark))
+
+
+def run_script(*args, timeout=120):
+    return subprocess.run([sys.executable, "ppo_baseline.py", "--preset", "tiny", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def global_models(tmp_path_factory):
+    """Play data and tiny world-model and reward-model checkpoints of dmo_sapo_diamond.py."""
+    tmp = tmp_path_factory.mktemp("dmo")
+    data = str(tmp / "PushT-v0_play.npz")
+    envs.save_dataset(data, envs.collect("PushT-v0", 1200, seed=0, verbose=False))
+    r = subprocess.run([sys.executable, "dmo_sapo_diamond.py", "--preset", "tiny", "--stop-after", "reward_model",
+                        "--runs-dir", str(tmp / "runs"), "--data-path", data, "--no-capture-video"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (run_dir,) = (tmp / "runs").iterdir()
+    return {"data": data, "wm": str(run_dir / "world_model.pt"), "reward": str(run_dir / "reward_model.pt")}
+
+
+def check_run(runs_dir, env):
+    (run_dir,) = runs_dir.iterdir()
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert all(k in result for k in KEYS), result
+    assert result["episodes"] == 2 and result["global_step"] == 64 and 0 <= result["mean_coverage"] <= 1
+    # the checkpoint alone reproduces the evaluation
+    args = ppo.Args(**{**ppo.PRESETS["tiny"], "env": env})
+    ckpt = ppo.dmo.load_checkpoint(str(run_dir / "agent.pt"), "ppo_agent", args)
+    agent = ppo.Agent(args.img_size, args.frame_stack, args.cnn_channels, args.hidden)
+    agent.load_state_dict(ckpt["agent"])
+    assert ckpt["global_step"] == 64
+    metrics, _ = ppo.evaluate(args, agent, 2, args.eval_seed, torch.device("cpu"))
+    assert metrics["mean_coverage"] == pytest.approx(result["mean_coverage"], abs=1e-6)
+    return run_dir
+
+
+def test_tiny_preset_in_the_simulator_and_resume(tmp_path):
+    r = run_script("--env", "sim", "--runs-dir", str(tmp_path), "--no-capture-video", "--total-timesteps", "32")
+    assert r.returncode == 0, r.stderr[-2000:]
+    (run_dir,) = tmp_path.iterdir()
+    assert json.loads((run_dir / "eval.json").read_text())["global_step"] == 32
+    r = subprocess.run([sys.executable, "ppo_baseline.py", "--resume", str(run_dir), "--total-timesteps", "64"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)  # continue the run for a second iteration
+    assert r.returncode == 0 and "resuming" in r.stdout and "at iteration 1" in r.stdout, r.stderr[-2000:]
+    check_run(tmp_path, "sim")
+
+
+def test_tiny_preset_in_the_world_model(global_models, tmp_path):
+    r = run_script("--env", "world-model", "--wm-checkpoint", global_models["wm"], "--reward-checkpoint",
+                   global_models["reward"], "--data-path", global_models["data"], "--runs-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    run_dir = check_run(tmp_path, "world-model")
+    assert (run_dir / "eval_episode_0.mp4").exists()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dir)).Reload()
+    steps = [e.step for e in events.Scalars("imagination/reward")]
+    assert steps == [32, 64], "imagination/reward against world-model samples, as DMO logs it"
+    assert "charts/SPS" in events.Tags()["scalars"] and "losses/policy_loss" in events.Tags()["scalars"]
+
+
+def test_checkpoint_of_the_wrong_kind_is_a_one_line_error(global_models, tmp_path):
+    for wm, reward, expected in [(global_models["reward"], global_models["reward"], "expected a 'world_model' checkpoint"),
+                                 (global_models["wm"], global_models["wm"], "expected a 'reward_model' checkpoint"),
+                                 (global_models["data"], global_models["reward"], "cannot read checkpoint")]:
+        r = run_script("--env", "world-model", "--wm-checkpoint", wm, "--reward-checkpoint", reward, "--runs-dir",
+                       str(tmp_path), timeout=60)
+        assert r.returncode == 1 and expected in r.stderr, r.stderr[-2000:]
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not list(tmp_path.iterdir()), "a failed start writes no run directory"
