@@ -512,9 +512,10 @@ def wall_time():
     return CLOCK["before"] + time.time() - CLOCK["start"]
 
 
-def save_checkpoint(path, kind, args, **payload):
-    """Atomic write (temporary file, then os.replace) of everything needed to use or continue a stage."""
-    config = {f: getattr(args, f) for f in STAGE_FIELDS[kind]}
+def save_checkpoint(path, kind, args, fields=None, **payload):
+    """Atomic write (temporary file, then os.replace) of everything needed to use or continue a stage; `fields`
+    (default STAGE_FIELDS[kind]) are the Args a later load must agree on."""
+    config = {f: getattr(args, f) for f in (fields or STAGE_FIELDS[kind])}
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     tmp = f"{path}.tmp"
     torch.save({"kind": kind, "config": config, "rng": rng, **payload}, tmp)
@@ -523,7 +524,8 @@ def save_checkpoint(path, kind, args, **payload):
         f.write(f"{wall_time():.1f}")
 
 
-def load_checkpoint(path, kind, args, restore_rng=False):
+def load_checkpoint(path, kind, args=None, restore_rng=False):
+    """Load a checkpoint of `kind`; with `args`, refuse one whose config differs (without: adopt its config)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
@@ -531,7 +533,7 @@ def load_checkpoint(path, kind, args, restore_rng=False):
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise RunError(f"{path}: expected a {kind!r} checkpoint, found {found!r}")
-    for f, v in ckpt["config"].items():
+    for f, v in ckpt["config"].items() if args is not None else ():
         if list(np.atleast_1d(v)) != list(np.atleast_1d(getattr(args, f))):
             raise RunError(f"{path}: checkpoint has {f}={v}, this run has {f}={getattr(args, f)}")
     if restore_rng:

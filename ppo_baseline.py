@@ -129,29 +129,19 @@ PRESETS = {
                   episode_length=128, eval_episodes=100),
 }
 
-dmo.STAGE_FIELDS["ppo_agent"] = ["env", "img_size", "frame_stack", "cnn_channels", "hidden"]  # for its checkpoints
+AGENT_FIELDS = ["env", "img_size", "frame_stack", "cnn_channels", "hidden"]  # what a resumed checkpoint must match
 
 
 # ----------------------------------------------------------------------------------------------------
 # Environments: the global world model, or the simulator. Both batched; obs are uint8 (B, frame_stack, 3, S, S)
 # ----------------------------------------------------------------------------------------------------
-def read_checkpoint(path, kind):
-    """dmo's loader (one-line errors for unreadable files and checkpoints of another kind), checked against the
-    checkpoint's own config: PPO adopts the world model's image size and architecture."""
-    try:
-        config = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["config"]
-    except Exception:
-        config = {}  # load_checkpoint says what is wrong
-    return dmo.load_checkpoint(path, kind, SimpleNamespace(**config))
-
-
 class DiamondWorld:
     """The adapter boundary: what PPO needs from a global world model, here read from dmo_sapo_diamond.py's
     checkpoints. Another world model (DreamerV4) plugs in by providing the same img_size, context, next_frame
     and reward."""
 
     def __init__(self, args, device):
-        wm = read_checkpoint(args.wm_checkpoint, "world_model")
+        wm = dmo.load_checkpoint(args.wm_checkpoint, "world_model")  # adopt its image size and architecture
         c = wm["config"]
         self.img_size, self.context, self.steps = c["img_size"], c["wm_context"], args.wm_denoising_steps
         self.denoiser = dmo.Denoiser(2, c["wm_context"], c["wm_channels"], c["wm_depths"], c["wm_cond_channels"])
@@ -391,8 +381,9 @@ def ppo(args, env, device, writer, run_dir):
 
     def save(iteration):
         if args.save_model:
-            dmo.save_checkpoint(path, "ppo_agent", args, agent=agent.state_dict(), optimizer=optimizer.state_dict(),
-                                iteration=iteration, global_step=global_step, run_args=dataclasses.asdict(args))
+            dmo.save_checkpoint(path, "ppo_agent", args, AGENT_FIELDS, agent=agent.state_dict(),
+                                optimizer=optimizer.state_dict(), iteration=iteration, global_step=global_step,
+                                run_args=dataclasses.asdict(args))
 
     progress = dmo.Progress("ppo", num_iterations, start)
     for iteration in range(start, num_iterations):
