@@ -108,20 +108,29 @@ class Args:
     """Adam learning rate"""
     reward_max_segment: int = 64
     """longest play segment (frames) whose first/last frames serve as s_start/s_goal in training"""
+    reward_goal_videos: int = 150
+    """64-frame videos that end with the T on its target (envs.pusht_goal_videos: play from the goal, reversed),
+    trained on beside the play segments so that "closer to the goal image" means the T's pose; 0: play only"""
+    reward_video_path: Optional[str] = None
+    """a file of such videos (the data format, each episode ending at the goal); default
+    {env_id}_goal_videos.npz beside the play data, collected when missing"""
 
     # Local model f<- (DreamerV3 RSSM)
     rssm_checkpoint: Optional[str] = None
     """a pretrained RSSM (rssm.pt); skips its pretraining"""
     rssm_size: Literal["tiny", "small", "push_t", "push_cube"] = "small"
     """RSSM size (rssm.presets; Table 4 Push-T = push_t)"""
-    rssm_pretrain_steps: int = 1000
+    rssm_pretrain_steps: int = 2000
     """offline pretraining steps on the play data"""
     rssm_batch_size: int = 16
     """sequences per batch"""
     rssm_seq_len: int = 32
     """frames per sequence (Table 4: 64)"""
-    rssm_lr: float = 1e-4
-    """Adam learning rate"""
+    rssm_lr: float = 6e-4
+    """Adam learning rate (DreamerV3: 1e-4; `default` is higher to learn in its few steps)"""
+    rssm_recon_scale: float = 16.0
+    """weight of the summed-pixel reconstruction loss against the KL (DreamerV3: 1). At 32x32 the tool and
+    the T cover a few pixels, and at weight 1 or 4 the RSSM leaves them out of its latent (README)"""
     rssm_finetune_steps: int = 4
     """fine-tuning steps per epoch on the global model's trajectories"""
     no_rssm_finetune: bool = False
@@ -182,14 +191,15 @@ class Args:
 
 PRESETS = {
     "tiny": dict(play_steps=1200, wm_channels=[8, 8], wm_depths=[1, 1], wm_cond_channels=16, wm_steps=30,
-                 wm_batch_size=8, reward_steps=30, reward_batch_size=16, rssm_size="tiny", rssm_pretrain_steps=20,
-                 rssm_batch_size=4, rssm_seq_len=16, rssm_finetune_steps=1, epochs=4, num_envs=8, horizon=8,
-                 episode_length=16, critic_epochs=2, critic_minibatch=32, hidden=[32, 32], eval_episodes=2,
-                 eval_every=2, eval_quick_episodes=2),
+                 wm_batch_size=8, reward_steps=30, reward_batch_size=16, reward_goal_videos=4, rssm_size="tiny",
+                 rssm_pretrain_steps=20, rssm_batch_size=4, rssm_seq_len=16, rssm_finetune_steps=1, epochs=4,
+                 num_envs=8, horizon=8, episode_length=16, critic_epochs=2, critic_minibatch=32, hidden=[32, 32],
+                 eval_episodes=2, eval_every=2, eval_quick_episodes=2),
     "default": dict(),  # the field defaults above: sized for a 2-core CPU, see README
     "paper": dict(play_steps=72_000, img_size=64, wm_channels=[64, 64, 64, 64], wm_depths=[4, 4, 4, 4],
-                  wm_cond_channels=256, wm_steps=200_000, wm_batch_size=8, reward_steps=50_000, rssm_size="push_t",
-                  rssm_pretrain_steps=50_000, rssm_seq_len=64, rssm_finetune_steps=20, epochs=4000, num_envs=128,
+                  wm_cond_channels=256, wm_steps=200_000, wm_batch_size=8, reward_steps=50_000,
+                  reward_goal_videos=500, rssm_size="push_t", rssm_pretrain_steps=50_000, rssm_seq_len=64,
+                  rssm_lr=1e-4, rssm_recon_scale=1.0, rssm_finetune_steps=20, epochs=4000, num_envs=128,
                   episode_length=128, eval_episodes=100, eval_every=100),
 }
 
@@ -197,18 +207,35 @@ PRESETS = {
 # ----------------------------------------------------------------------------------------------------
 # Play data
 # ----------------------------------------------------------------------------------------------------
+def play_data_path(args):
+    return args.data_path or os.path.join(args.data_dir, f"{args.env_id}_play.npz")
+
+
 def load_play_data(args, device):
     """Frames as uint8 (N, 3, S, S), actions (N, A) taken after each frame, is_first (N,), episode ids (N,)."""
-    path = args.data_path or os.path.join(args.data_dir, f"{args.env_id}_play.npz")
+    path = play_data_path(args)
     if not os.path.exists(path) and args.data_path is None:
         print(f"collecting {args.play_steps} frames of play data into {path}")
         envs.save_dataset(path, envs.collect(args.env_id, args.play_steps, seed=0))
-    data = envs.load_dataset(path)
+    return frames_to_tensors(envs.load_dataset(path), path, args.img_size, device)
+
+
+def load_goal_videos(args, device):
+    """Videos that end at the goal, for the reward model only (their actions are not transitions)."""
+    play_dir = os.path.dirname(play_data_path(args))
+    path = args.reward_video_path or os.path.join(play_dir, f"{args.env_id}_goal_videos.npz")
+    if not os.path.exists(path) and args.reward_video_path is None:
+        print(f"collecting {args.reward_goal_videos} goal videos into {path}")
+        envs.save_dataset(path, envs.pusht_goal_videos(args.reward_goal_videos, seed=1))
+    return frames_to_tensors(envs.load_dataset(path), path, args.img_size, device)
+
+
+def frames_to_tensors(data, path, img_size, device):
     if data["action"].shape[1] != 2:
         raise envs.DatasetError(f"{path}: key 'action': Push-T needs 2-d actions, got {data['action'].shape[1]}")
     obs = data["obs"]
-    if obs.shape[1:3] != (args.img_size, args.img_size):
-        obs = np.stack([cv2.resize(o, (args.img_size, args.img_size), interpolation=cv2.INTER_AREA) for o in obs])
+    if obs.shape[1:3] != (img_size, img_size):
+        obs = np.stack([cv2.resize(o, (img_size, img_size), interpolation=cv2.INTER_AREA) for o in obs])
     is_first = torch.as_tensor(data["is_first"])
     return {
         "obs": torch.as_tensor(obs).permute(0, 3, 1, 2).contiguous().to(device),
@@ -612,7 +639,7 @@ def train_world_model(args, data, device, writer, run_dir):
     return denoiser
 
 
-def train_reward_model(args, data, goal, device, writer, run_dir):
+def train_reward_model(args, data, goal, device, writer, run_dir, videos=None):
     model = RewardModel(args.img_size).to(device)
     path = args.reward_checkpoint or os.path.join(run_dir, "reward_model.pt")
     opt = torch.optim.Adam(model.parameters(), lr=args.reward_lr)
@@ -630,27 +657,34 @@ def train_reward_model(args, data, goal, device, writer, run_dir):
     episodes = torch.unique(data["episode"]).cpu()
     held_out = episodes[-max(1, len(episodes) // 10):]  # the last 10 % of episodes are held out
     train_eps = episodes[: len(episodes) - len(held_out)] if len(episodes) > 1 else episodes
+    frames = {"obs": data["obs"], "episode": data["episode"]}  # what the ranking pairs are drawn from
+    if videos is not None:  # goal videos become extra training episodes, numbered after the play episodes
+        frames = {"obs": torch.cat([data["obs"], videos["obs"]]),
+                  "episode": torch.cat([data["episode"], videos["episode"] + len(episodes)])}
+        train_eps = torch.cat([train_eps, torch.unique(videos["episode"]).cpu() + len(episodes)])
 
     def batch(size, eps):
-        """Pairs (earlier, later) from play segments, with the segments' first and last frames."""
+        """Pairs (earlier, later) from segments of the episodes `eps`, with the segments' first and last frames."""
         length = int(torch.randint(3, args.reward_max_segment + 1, ()))
-        starts = window_starts(data, length, eps)
+        starts = window_starts(frames, length, eps)
         while len(starts) == 0:
             length //= 2
-            starts = window_starts(data, length, eps)
+            starts = window_starts(frames, length, eps)
         s = starts[torch.randint(len(starts), (size,))]
         i, j = torch.randint(length, (2, size))
         j = torch.where(i == j, (j + 1) % length, j)
         lo, hi = torch.minimum(i, j), torch.maximum(i, j)
         idx = torch.stack([s, s + length - 1, s + lo, s + hi], 1).to(device)  # start, goal, earlier, later
-        return to_float(data["obs"][idx])
+        return to_float(frames["obs"][idx])
 
     def bradley_terry(frames):
         e = model.embed(frames)
         margin = model.energy(e[:, 3], e[:, 0], e[:, 1]) - model.energy(e[:, 2], e[:, 0], e[:, 1])
         return F.softplus(-margin).mean(), (margin > 0).float().mean()  # -log sigmoid(f(later) - f(earlier))
 
-    print(f"reward model: training for {args.reward_steps} steps ({len(held_out)} held-out episodes)")
+    videos_n = 0 if videos is None else int(videos["is_first"].sum())
+    print(f"reward model: training for {args.reward_steps} steps on {len(train_eps) - videos_n} play episodes "
+          f"and {videos_n} goal videos ({len(held_out)} held-out play episodes)")
     progress = Progress("reward_model", args.reward_steps, step)
     save = lambda done: save_checkpoint(path, "reward_model", args, model=model.state_dict(), done=done,
                                         optimizer=opt.state_dict(), step=step)
@@ -718,7 +752,8 @@ def rssm_train_step(rssm, opt, frames, actions, is_first, rewards):
 
 
 def pretrain_rssm(args, data, reward_model, goal_e, device, writer, run_dir):
-    cfg = RSSMConfig.preset(args.rssm_size, obs_shape=(3, args.img_size, args.img_size), action_dim=2)
+    cfg = RSSMConfig.preset(args.rssm_size, obs_shape=(3, args.img_size, args.img_size), action_dim=2,
+                            recon_scale=args.rssm_recon_scale)
     rssm = RSSM(cfg).to(device)
     opt = torch.optim.Adam(rssm.parameters(), lr=args.rssm_lr, eps=1e-8)
     path = args.rssm_checkpoint or os.path.join(run_dir, "rssm.pt")
@@ -1097,7 +1132,8 @@ def run(args):
     denoiser = train_world_model(args, data, device, writer, run_dir).eval()
     if args.stop_after == "world_model":
         return None
-    reward_model = train_reward_model(args, data, goal, device, writer, run_dir).eval()
+    videos = load_goal_videos(args, device) if args.reward_goal_videos > 0 or args.reward_video_path else None
+    reward_model = train_reward_model(args, data, goal, device, writer, run_dir, videos).eval()
     for p in [*denoiser.parameters(), *reward_model.parameters()]:
         p.requires_grad_(False)
     goal_e = reward_model.embed(goal[None])

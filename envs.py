@@ -11,6 +11,7 @@ Both register with Gymnasium on import and put the true state in `info`. Command
 
     python envs.py collect PushT-v0 --steps 500 --out /tmp/p.npz
     python envs.py collect EgoPushCube-v0 --steps 500 --out /tmp/d.npz --demos
+    python envs.py collect PushT-v0 --steps 640 --out /tmp/g.npz --goal-videos
     python envs.py check /tmp/p.npz
 """
 
@@ -170,6 +171,36 @@ def pusht_play_policy(env: PushTEnv, rng: np.random.Generator):
 
     return act
 
+
+
+def pusht_goal_videos(episodes: int, length: int = 64, seed: int = 0, obs_size: int = 64) -> dict:
+    """Videos that end with the T at its goal pose, for the reward model (ALGORITHMS.md §4 trains it on
+    play "and optional demonstration video"). Nothing here solves Push-T: each episode starts with the T
+    at the goal and the tool 90-150 px away, play pushes the T off, and the frames are stored backward
+    in time. With a real robot: put the T on its target, play, record, reverse. Actions are zero (a
+    reversed push is no transition of the physics), so these files train the reward model only."""
+    env = PushTEnv(obs_size=obs_size)
+    rng = np.random.default_rng(seed)
+    obs_eps, state_eps = [], []
+    for _ in range(episodes):
+        angle, radius = rng.uniform(0, 2 * np.pi), rng.uniform(90, 150)
+        tool = np.array([256.0, 256.0]) + radius * np.array([np.cos(angle), np.sin(angle)])
+        obs, info = env.reset(options={"state": [*tool, *PushTEnv.goal_pose]})
+        policy = pusht_play_policy(env, rng)
+        frames, states = [obs], [info["state"]]
+        while len(frames) < length:
+            obs, _, _, _, info = env.step(policy(obs, info))
+            frames.append(obs)
+            states.append(info["state"])
+        obs_eps.append(np.stack(frames[::-1]))
+        state_eps.append(np.stack(states[::-1]))
+    n = episodes * length
+    return {
+        "obs": np.concatenate(obs_eps), "action": np.zeros((n, 2), np.float32),
+        "is_first": np.arange(n) % length == 0, "is_demo": np.ones(n, bool),
+        "state": np.concatenate(state_eps).astype(np.float32),
+        "env_id": np.array("PushT-v0"), "control_hz": np.array(CONTROL_HZ), "format_version": np.array(FORMAT_VERSION),
+    }
 
 # ----------------------------------------------------------------------------------------------------
 # Ego-centric Push-Cube
@@ -611,6 +642,9 @@ class Collect:
     """fraction of frames from demonstrations in play data (-1: 0.25 for EgoPushCube-v0, 0 for PushT-v0)"""
     seed: int = 0
     """seed of the policies and of the episodes' initial states"""
+    goal_videos: bool = False
+    """PushT-v0: record videos that end at the goal (play from the goal, reversed) for the reward model;
+    --steps frames in episodes of 64"""
 
 
 @dataclasses.dataclass
@@ -629,6 +663,12 @@ def main(argv=None) -> int:
             return 0
         if cmd.env_id not in ("PushT-v0", "EgoPushCube-v0"):
             raise ValueError(f"unknown env_id {cmd.env_id!r} (PushT-v0 or EgoPushCube-v0)")
+        if cmd.goal_videos:
+            if cmd.env_id != "PushT-v0":
+                raise ValueError("--goal-videos exists for PushT-v0 only")
+            save_dataset(cmd.out, pusht_goal_videos(max(1, cmd.steps // 64), seed=cmd.seed))
+            print(f"wrote {cmd.out}")
+            return 0
         fraction = 1.0 if cmd.demos else cmd.demo_fraction
         if fraction < 0:
             fraction = 0.25 if cmd.env_id == "EgoPushCube-v0" else 0.0

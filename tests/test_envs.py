@@ -242,6 +242,19 @@ def test_collectors_write_valid_data():
         envs.collect("PushT-v0", 10, demo_fraction=0.5)
 
 
+def test_pusht_goal_videos_end_at_the_goal():
+    videos = envs.pusht_goal_videos(3, length=20, seed=0, obs_size=32)
+    envs.validate_dataset(videos)
+    assert videos["obs"].shape == (60, 32, 32, 3) and (videos["action"] == 0).all() and videos["is_demo"].all()
+    np.testing.assert_array_equal(np.flatnonzero(videos["is_first"]), [0, 20, 40])
+    env = envs.PushTEnv(obs_size=32)
+    coverage = [env.reset(options={"state": s})[1]["coverage"] for s in videos["state"]]
+    np.testing.assert_allclose(coverage[19::20], 1.0, atol=1e-3)  # every video's last frame: T on target
+    # and the frames are the states': the last frame is the rendering of its state (the video is reversed)
+    np.testing.assert_array_equal(env.reset(options={"state": videos["state"][0]})[0], videos["obs"][0])
+    assert np.mean(coverage[0::20]) < 0.9  # play pushed the T off the target at least sometimes
+
+
 def test_play_data_touches_the_object(capsys):
     envs.collect("PushT-v0", 400, seed=1)
     envs.collect("EgoPushCube-v0", 400, seed=1, demo_fraction=0.25)
