@@ -128,9 +128,9 @@ class Args:
     """frames per sequence (Table 4: 64)"""
     rssm_lr: float = 6e-4
     """Adam learning rate (DreamerV3: 1e-4; `default` is higher to learn in its few steps)"""
-    rssm_recon_scale: float = 16.0
+    rssm_recon_scale: float = 64.0
     """weight of the summed-pixel reconstruction loss against the KL (DreamerV3: 1). At 32x32 the tool and
-    the T cover a few pixels, and at weight 1 or 4 the RSSM leaves them out of its latent (README)"""
+    the T cover a few pixels, and at weight 1 to 16 the RSSM often leaves them out of its latent (README)"""
     rssm_finetune_steps: int = 4
     """fine-tuning steps per epoch on the global model's trajectories"""
     no_rssm_finetune: bool = False
