@@ -251,7 +251,8 @@ def test_pusht_goal_videos_end_at_the_goal():
     coverage = [env.reset(options={"state": s})[1]["coverage"] for s in videos["state"]]
     np.testing.assert_allclose(coverage[19::20], 1.0, atol=1e-3)  # every video's last frame: T on target
     # and the frames are the states': the last frame is the rendering of its state (the video is reversed)
-    np.testing.assert_array_equal(env.reset(options={"state": videos["state"][0]})[0], videos["obs"][0])
+    rendered = env.reset(options={"state": videos["state"][0]})[0].astype(int)  # (state is stored as float32)
+    assert np.abs(rendered - videos["obs"][0]).max() <= 2 and not np.array_equal(videos["obs"][0], videos["obs"][19])
     assert np.mean(coverage[0::20]) < 0.9  # play pushed the T off the target at least sometimes
 
 
