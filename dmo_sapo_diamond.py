@@ -657,25 +657,25 @@ def train_reward_model(args, data, goal, device, writer, run_dir, videos=None):
     episodes = torch.unique(data["episode"]).cpu()
     held_out = episodes[-max(1, len(episodes) // 10):]  # the last 10 % of episodes are held out
     train_eps = episodes[: len(episodes) - len(held_out)] if len(episodes) > 1 else episodes
-    frames = {"obs": data["obs"], "episode": data["episode"]}  # what the ranking pairs are drawn from
+    pool = {"obs": data["obs"], "episode": data["episode"]}  # what the ranking pairs are drawn from
     if videos is not None:  # goal videos become extra training episodes, numbered after the play episodes
-        frames = {"obs": torch.cat([data["obs"], videos["obs"]]),
+        pool = {"obs": torch.cat([data["obs"], videos["obs"]]),
                   "episode": torch.cat([data["episode"], videos["episode"] + len(episodes)])}
         train_eps = torch.cat([train_eps, torch.unique(videos["episode"]).cpu() + len(episodes)])
 
     def batch(size, eps):
         """Pairs (earlier, later) from segments of the episodes `eps`, with the segments' first and last frames."""
         length = int(torch.randint(3, args.reward_max_segment + 1, ()))
-        starts = window_starts(frames, length, eps)
+        starts = window_starts(pool, length, eps)
         while len(starts) == 0:
             length //= 2
-            starts = window_starts(frames, length, eps)
+            starts = window_starts(pool, length, eps)
         s = starts[torch.randint(len(starts), (size,))]
         i, j = torch.randint(length, (2, size))
         j = torch.where(i == j, (j + 1) % length, j)
         lo, hi = torch.minimum(i, j), torch.maximum(i, j)
         idx = torch.stack([s, s + length - 1, s + lo, s + hi], 1).to(device)  # start, goal, earlier, later
-        return to_float(frames["obs"][idx])
+        return to_float(pool["obs"][idx])
 
     def bradley_terry(frames):
         e = model.embed(frames)

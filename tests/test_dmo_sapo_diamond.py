@@ -162,6 +162,8 @@ def test_tiny_preset_runs_the_pipeline(play_data, tmp_path):
     for name in ("world_model.pt", "reward_model.pt", "rssm.pt", "agent.pt", "imagined_vs_real_final.mp4",
                  "eval_episode_0.mp4", "args.json"):
         assert (run_dir / name).exists(), name
+    videos = envs.load_dataset(os.path.join(os.path.dirname(play_data), "PushT-v0_goal_videos.npz"))  # beside the play
+    assert videos["is_first"].sum() == dmo.PRESETS["tiny"]["reward_goal_videos"] and "4 goal videos" in r.stdout
     ckpt = torch.load(run_dir / "agent.pt", map_location="cpu", weights_only=False)
     args = dmo.Args(**dmo.PRESETS["tiny"])
     rssm = dmo.RSSM(dmo.RSSMConfig.preset("tiny", obs_shape=(3, 32, 32), action_dim=2))
