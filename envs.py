@@ -172,7 +172,6 @@ def pusht_play_policy(env: PushTEnv, rng: np.random.Generator):
     return act
 
 
-
 def pusht_goal_videos(episodes: int, length: int = 64, seed: int = 0, obs_size: int = 64) -> dict:
     """Videos that end with the T at its goal pose, for the reward model (ALGORITHMS.md §4 trains it on
     play "and optional demonstration video"). Nothing here solves Push-T: each episode starts with the T
@@ -201,6 +200,7 @@ def pusht_goal_videos(episodes: int, length: int = 64, seed: int = 0, obs_size: 
         "state": np.concatenate(state_eps).astype(np.float32),
         "env_id": np.array("PushT-v0"), "control_hz": np.array(CONTROL_HZ), "format_version": np.array(FORMAT_VERSION),
     }
+
 
 # ----------------------------------------------------------------------------------------------------
 # Ego-centric Push-Cube
@@ -663,16 +663,16 @@ def main(argv=None) -> int:
             return 0
         if cmd.env_id not in ("PushT-v0", "EgoPushCube-v0"):
             raise ValueError(f"unknown env_id {cmd.env_id!r} (PushT-v0 or EgoPushCube-v0)")
-        if cmd.goal_videos:
-            if cmd.env_id != "PushT-v0":
-                raise ValueError("--goal-videos exists for PushT-v0 only")
-            save_dataset(cmd.out, pusht_goal_videos(max(1, cmd.steps // 64), seed=cmd.seed))
-            print(f"wrote {cmd.out}")
-            return 0
+        if cmd.goal_videos and cmd.env_id != "PushT-v0":
+            raise ValueError("--goal-videos exists for PushT-v0 only")
         fraction = 1.0 if cmd.demos else cmd.demo_fraction
         if fraction < 0:
             fraction = 0.25 if cmd.env_id == "EgoPushCube-v0" else 0.0
-        save_dataset(cmd.out, collect(cmd.env_id, cmd.steps, cmd.seed, fraction))
+        if cmd.goal_videos:
+            data = pusht_goal_videos(max(1, cmd.steps // 64), seed=cmd.seed)
+        else:
+            data = collect(cmd.env_id, cmd.steps, cmd.seed, fraction)
+        save_dataset(cmd.out, data)
         print(f"wrote {cmd.out}")
         return 0
     except (DatasetError, ValueError, OSError) as e:

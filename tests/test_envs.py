@@ -288,3 +288,7 @@ def test_cli_collect_and_check(tmp_path):
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and out in r.stderr
     r = run_cli("collect", "Nope-v0", "--steps", "5", "--out", out)
     assert r.returncode == 1 and "unknown env_id" in r.stderr
+    r = run_cli("collect", "PushT-v0", "--steps", "64", "--out", out, "--goal-videos")
+    assert r.returncode == 0 and envs.load_dataset(out)["is_demo"].all()
+    r = run_cli("collect", "EgoPushCube-v0", "--steps", "64", "--out", out, "--goal-videos")
+    assert r.returncode == 1 and "PushT-v0 only" in r.stderr
