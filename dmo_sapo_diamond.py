@@ -751,6 +751,23 @@ def rssm_train_step(rssm, opt, frames, actions, is_first, rewards):
     return {k: v.item() for k, v in parts.items()}
 
 
+@torch.no_grad()
+def foreground_error(rssm, data, windows, length):
+    """Reconstruction MSE of the RSSM's posterior on the pixels of fixed play windows that differ from the
+    play data's median frame (the tool and the T under Push-T's fixed camera), and the median frame's own
+    error there. While the two are close, the policy's features hold little of the objects (README)."""
+    background = to_float(data["obs"][: 2000]).median(0).values
+    idx = windows[:, None] + torch.arange(length, device=windows.device)
+    frames = to_float(data["obs"][idx])
+    actions = torch.cat([torch.zeros_like(data["action"][idx[:, :1]]), data["action"][idx[:, :-1]]], 1)
+    is_first = torch.zeros(idx.shape, dtype=torch.bool, device=idx.device)
+    is_first[:, 0] = True
+    post, _ = rssm.observe(rssm.encode(frames / 2), actions, is_first)
+    recon = rssm.decode(rssm.feat(post)) * 2
+    fg = ((frames - background).abs().sum(2, keepdim=True) > 0.3).expand_as(frames)
+    return ((recon - frames) ** 2)[fg].mean().item(), ((background - frames) ** 2)[fg].mean().item()
+
+
 def pretrain_rssm(args, data, reward_model, goal_e, device, writer, run_dir):
     cfg = RSSMConfig.preset(args.rssm_size, obs_shape=(3, args.img_size, args.img_size), action_dim=2,
                             recon_scale=args.rssm_recon_scale)
@@ -774,7 +791,18 @@ def pretrain_rssm(args, data, reward_model, goal_e, device, writer, run_dir):
     progress = Progress("rssm", args.rssm_pretrain_steps, step)
     save = lambda done: save_checkpoint(path, "rssm", args, model=rssm.state_dict(), optimizer=opt.state_dict(),
                                         step=step, done=done)
+    probe = starts[torch.randperm(len(starts), generator=torch.Generator().manual_seed(0))[:32]].to(device)
+
+    def log_foreground():  # forked RNG: the diagnostic leaves the run's random stream as it was
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            fg, bg = foreground_error(rssm, data, probe, T)
+        writer.add_scalar("rssm/foreground_mse", fg, step)
+        print(f"RSSM: step {step}, reconstruction MSE on the tool and the T {fg:.3f} (the background alone: {bg:.3f})")
+        return fg, bg
+
     while step < args.rssm_pretrain_steps:
+        if step % 500 == 0:
+            log_foreground()
         idx = (starts[torch.randint(len(starts), (args.rssm_batch_size,))][:, None] + torch.arange(T)).to(device)
         frames = to_float(data["obs"][idx])
         actions = torch.cat([torch.zeros_like(data["action"][idx[:, :1]]), data["action"][idx[:, :-1]]], 1)
@@ -792,6 +820,10 @@ def pretrain_rssm(args, data, reward_model, goal_e, device, writer, run_dir):
         if step % 500 == 0:
             save(False)
     save(True)
+    fg, bg = log_foreground()
+    if fg > 0.8 * bg:
+        print(f"RSSM: warning: its reconstruction of the tool and the T is hardly better than the background's; "
+              f"the policy will not see them (try more --rssm-pretrain-steps or a higher --rssm-recon-scale)")
     return rssm, opt
 
 

@@ -145,6 +145,39 @@ def test_reward_model_ranks_later_frames_higher(play_data, tmp_path):
     assert len(s) > 500 and acc > 0.65, acc  # chance is 0.5
 
 
+def test_foreground_error_scores_only_the_moving_objects():
+    # a fixed background with one bright 2x2 "object" that moves; a model that reconstructs the background alone
+    # scores the background's error, one that reconstructs every frame scores 0
+    n, size = 40, 12
+    obs = torch.full((n, 3, size, size), 100, dtype=torch.uint8)
+    for t in range(n):
+        obs[t, :, 2 + t % 8 : 4 + t % 8, 1:3] = 250  # any pixel holds the object in at most 1/4 of frames
+    data = dict(obs=obs, action=torch.zeros(n, 2), episode=torch.zeros(n, dtype=torch.long))
+
+    class Stub:  # the RSSM calls foreground_error makes, with a chosen reconstruction
+        def __init__(self, perfect):
+            self.perfect = perfect
+
+        def encode(self, x):
+            return x
+
+        def observe(self, embed, actions, is_first):
+            return embed, None
+
+        def feat(self, post):
+            return post
+
+        def decode(self, feat):
+            return feat if self.perfect else torch.full_like(feat, dmo.to_float(torch.tensor(100)).item() / 2)
+
+    windows = torch.tensor([0, 5, 10])
+    fg, bg = dmo.foreground_error(Stub(False), data, windows, 8)
+    obj = dmo.to_float(torch.tensor(250)).item() - dmo.to_float(torch.tensor(100)).item()
+    assert fg == pytest.approx(obj**2, rel=1e-5) and bg == pytest.approx(fg, rel=1e-5)  # the median is background
+    fg, bg = dmo.foreground_error(Stub(True), data, windows, 8)
+    assert fg == pytest.approx(0.0, abs=1e-9) and bg == pytest.approx(obj**2, rel=1e-5)
+
+
 def run_script(*args, timeout=300):
     return subprocess.run([sys.executable, "dmo_sapo_diamond.py", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)

@@ -160,6 +160,25 @@ class Oracle(torch.nn.Module):
                 torch.full((n, 1), -50.0), h)
 
 
+def test_actions_are_joint_position_targets():
+    env = rwm.AntVelocityEnv(episode_steps=400, command_resample_steps=200)
+    obs, _ = env.reset(seed=0)
+    for _ in range(40):  # zero action: the PD loop holds the standing pose, on the ground, with small torques
+        obs, _, terminated, _, _ = env.step(np.zeros(rwm.ACT_DIM))
+    assert not terminated and 0.3 < env.ant.data.qpos[2] < 0.7
+    np.testing.assert_allclose(obs[rwm.JOINT_POS], rwm.DEFAULT_JOINT_POS, atol=0.05)
+    assert np.abs(obs[rwm.TORQUE]).max() < 5.0
+    # each action moves its own joint (the Ant's actuators are listed in another order than its joints)
+    for j in (0, 1, 6):
+        env.reset(seed=0)
+        action = np.zeros(rwm.ACT_DIM)
+        action[j] = -0.5 if j == 1 else 0.5  # targets 0.25 rad off the pose, inside the joint ranges
+        for _ in range(40):
+            obs, *_ = env.step(action)
+        target = rwm.DEFAULT_JOINT_POS + rwm.ACTION_SCALE * action
+        np.testing.assert_allclose(obs[rwm.JOINT_POS], target, atol=0.06)
+
+
 def test_imagination_reward_matches_the_simulator():
     args = rwm.Args(**rwm.PRESETS["tiny"])
     env = rwm.make_env(args)
