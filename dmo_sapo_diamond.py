@@ -822,8 +822,8 @@ def pretrain_rssm(args, data, reward_model, goal_e, device, writer, run_dir):
     save(True)
     fg, bg = log_foreground()
     if fg > 0.8 * bg:
-        print(f"RSSM: warning: its reconstruction of the tool and the T is hardly better than the background's; "
-              f"the policy will not see them (try more --rssm-pretrain-steps or a higher --rssm-recon-scale)")
+        print("RSSM: warning: its reconstruction of the tool and the T is hardly better than the background's; "
+              "the policy will not see them (try more --rssm-pretrain-steps or a higher --rssm-recon-scale)")
     return rssm, opt
 
 
