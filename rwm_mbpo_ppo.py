@@ -126,9 +126,9 @@ class Args:
     """gradient clipping of the policy and the world model"""
 
     # Model-free reference (--mode ppo-sim)
-    num_envs: int = 16
+    num_envs: int = 64
     """simulator envs"""
-    num_steps: int = 64
+    num_steps: int = 32
     """steps per env per PPO iteration"""
     total_timesteps: int = 1_000_000
     """real samples"""
@@ -158,7 +158,7 @@ PRESETS = {
     "default": dict(episode_steps=400, command_resample_steps=200, eval_episodes=8, eval_every=10,
                     history_horizon=32, forecast_horizon=8, wm_hidden=256, wm_batch_size=64, pretrain_steps=1000,
                     pretrain_updates=1500, wm_updates=10, buffer_size=1000, num_real_envs=8, real_steps=25,
-                    imagination_envs=256, imagination_steps=50, iterations=300, num_envs=16, num_steps=64,
+                    imagination_envs=256, imagination_steps=50, iterations=300, num_envs=64, num_steps=32,
                     total_timesteps=2_000_000, study_steps=1000, study_updates=1500, study_eval_horizon=32,
                     study_eval_windows=256),
     "paper": dict(episode_steps=1000, command_resample_steps=200, eval_episodes=32, eval_every=50,
