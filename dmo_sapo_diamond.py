@@ -756,7 +756,7 @@ def foreground_error(rssm, data, windows, length):
     """Reconstruction MSE of the RSSM's posterior on the pixels of fixed play windows that differ from the
     play data's median frame (the tool and the T under Push-T's fixed camera), and the median frame's own
     error there. While the two are close, the policy's features hold little of the objects (README)."""
-    background = to_float(data["obs"][: 2000]).median(0).values
+    background = to_float(data["obs"][:2000]).median(0).values
     idx = windows[:, None] + torch.arange(length, device=windows.device)
     frames = to_float(data["obs"][idx])
     actions = torch.cat([torch.zeros_like(data["action"][idx[:, :1]]), data["action"][idx[:, :-1]]], 1)

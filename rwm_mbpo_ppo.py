@@ -199,8 +199,8 @@ def parse_args():
 # ----------------------------------------------------------------------------------------------------
 DT = 0.05  # Ant-v5: 5 physics steps of 0.01 s
 # Actions are joint-position targets around a standing pose, tracked by a PD loop at the physics rate, as on
-# ANYmal (Isaac Lab: q* = q_default + 0.5 a). The Ant's motors (gear 150 on a 0.9 kg robot) driven directly by
-# the policy's torques saturate and shake; the PD loop is what makes the task learnable at this scale (README).
+# ANYmal (Isaac Lab: q* = q_default + 0.5 a). Driven by raw torques instead (gear 150 on a 0.9 kg robot), PPO
+# learned to hold saturated torques; with the PD loop the untrained policy stands and PPO improves on that (README).
 DEFAULT_JOINT_POS = np.array([0.0, 0.87, 0.0, -0.87, 0.0, -0.87, 0.0, 0.87])  # hips, ankles mid-range (50 deg)
 ACTION_SCALE, KP, KD = 0.5, 100.0, 10.0  # rad; N m / rad; N m s / rad (joint armature 1 kg m^2)
 OBS_DIM, ACT_DIM, CON_DIM, CMD_DIM = 33, 8, 8, 3
@@ -212,7 +212,7 @@ KNEE_GEOMS = ("left_leg_geom", "right_leg_geom", "back_leg_geom", "rightback_leg
 COMMAND_RANGE = np.array([1.0, 1.0, 1.0], np.float32)  # |v_x|, |v_y| (m/s), |ω_z| (rad/s)
 TRACKING_SIGMA2 = 0.25
 REWARD_WEIGHTS = dict(track_lin_vel=1.0, track_ang_vel=0.5, lin_vel_z=-2.0, ang_vel_xy=-0.05,
-                      torque=-2.5e-5,
+                      torque=-2.5e-5,  # Table S5
                       joint_acc=-2.5e-7, action_rate=-0.01, undesired_contacts=-1.0, flat_orientation=-5.0,
                       termination=-400.0)  # not in Table S5: without it the Ant learns to flip to end the penalties
 
@@ -253,7 +253,7 @@ class AntVelocityEnv(gym.Env):
         self.foot_ids = np.array([model.geom(n).id for n in FOOT_GEOMS])
         self.knee_ids = np.array([model.geom(n).id for n in KNEE_GEOMS])
         self.gear = model.actuator_gear[:, 0].copy()
-        self.actuated_joint = model.jnt_dofadr[model.actuator_trnid[:, 0]] - 6  # the actuators start with hip_4
+        self.actuated_joint = model.jnt_dofadr[model.actuator_trnid[:, 0]] - 6  # dofs 0-5: free joint; actuators start at hip_4
         self.episode_steps, self.resample_steps = episode_steps, command_resample_steps
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (OBS_DIM + CMD_DIM,), np.float64)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (ACT_DIM,), np.float32)
