@@ -660,7 +660,7 @@ def train_reward_model(args, data, goal, device, writer, run_dir, videos=None):
     pool = {"obs": data["obs"], "episode": data["episode"]}  # what the ranking pairs are drawn from
     if videos is not None:  # goal videos become extra training episodes, numbered after the play episodes
         pool = {"obs": torch.cat([data["obs"], videos["obs"]]),
-                  "episode": torch.cat([data["episode"], videos["episode"] + len(episodes)])}
+                "episode": torch.cat([data["episode"], videos["episode"] + len(episodes)])}
         train_eps = torch.cat([train_eps, torch.unique(videos["episode"]).cpu() + len(episodes)])
 
     def batch(size, eps):
@@ -751,17 +751,21 @@ def rssm_train_step(rssm, opt, frames, actions, is_first, rewards):
     return {k: v.item() for k, v in parts.items()}
 
 
-@torch.no_grad()
-def foreground_error(rssm, data, windows, length):
-    """Reconstruction MSE of the RSSM's posterior on the pixels of fixed play windows that differ from the
-    play data's median frame (the tool and the T under Push-T's fixed camera), and the median frame's own
-    error there. While the two are close, the policy's features hold little of the objects (README)."""
-    background = to_float(data["obs"][:2000]).median(0).values
-    idx = windows[:, None] + torch.arange(length, device=windows.device)
+def rssm_sequences(data, idx):
+    """Play windows (B, T) of frame indices -> float frames, the actions that led into them, is_first."""
     frames = to_float(data["obs"][idx])
     actions = torch.cat([torch.zeros_like(data["action"][idx[:, :1]]), data["action"][idx[:, :-1]]], 1)
     is_first = torch.zeros(idx.shape, dtype=torch.bool, device=idx.device)
     is_first[:, 0] = True
+    return frames, actions, is_first
+
+
+@torch.no_grad()
+def foreground_error(rssm, data, idx, background):
+    """Reconstruction MSE of the RSSM's posterior on the pixels of fixed play windows that differ from the
+    play data's median frame `background` (the tool and the T under Push-T's fixed camera), and the median
+    frame's own error there. While the two are close, the policy's features hold little of the objects (README)."""
+    frames, actions, is_first = rssm_sequences(data, idx)
     post, _ = rssm.observe(rssm.encode(frames / 2), actions, is_first)
     recon = rssm.decode(rssm.feat(post)) * 2
     fg = ((frames - background).abs().sum(2, keepdim=True) > 0.3).expand_as(frames)
@@ -791,11 +795,13 @@ def pretrain_rssm(args, data, reward_model, goal_e, device, writer, run_dir):
     progress = Progress("rssm", args.rssm_pretrain_steps, step)
     save = lambda done: save_checkpoint(path, "rssm", args, model=rssm.state_dict(), optimizer=opt.state_dict(),
                                         step=step, done=done)
-    probe = starts[torch.randperm(len(starts), generator=torch.Generator().manual_seed(0))[:32]].to(device)
+    probe = starts[torch.randperm(len(starts), generator=torch.Generator().manual_seed(0))[:32]]
+    probe = (probe[:, None] + torch.arange(T)).to(device)
+    background = to_float(data["obs"][:2000]).median(0).values
 
     def log_foreground():  # forked RNG: the diagnostic leaves the run's random stream as it was
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            fg, bg = foreground_error(rssm, data, probe, T)
+            fg, bg = foreground_error(rssm, data, probe, background)
         writer.add_scalar("rssm/foreground_mse", fg, step)
         print(f"RSSM: step {step}, reconstruction MSE on the tool and the T {fg:.3f} (the background alone: {bg:.3f})")
         return fg, bg
@@ -804,10 +810,7 @@ def pretrain_rssm(args, data, reward_model, goal_e, device, writer, run_dir):
         if step % 500 == 0:
             log_foreground()
         idx = (starts[torch.randint(len(starts), (args.rssm_batch_size,))][:, None] + torch.arange(T)).to(device)
-        frames = to_float(data["obs"][idx])
-        actions = torch.cat([torch.zeros_like(data["action"][idx[:, :1]]), data["action"][idx[:, :-1]]], 1)
-        is_first = torch.zeros(idx.shape, dtype=torch.bool, device=device)
-        is_first[:, 0] = True
+        frames, actions, is_first = rssm_sequences(data, idx)
         with torch.no_grad():  # rewards from the global reward model, s_start = the sequence's first frame
             e = reward_model.embed(frames)
             rewards = reward_model.reward(e, e[:, :1].expand_as(e), goal_e.expand_as(e))

@@ -170,11 +170,12 @@ def test_foreground_error_scores_only_the_moving_objects():
         def decode(self, feat):
             return feat if self.perfect else torch.full_like(feat, dmo.to_float(torch.tensor(100)).item() / 2)
 
-    windows = torch.tensor([0, 5, 10])
-    fg, bg = dmo.foreground_error(Stub(False), data, windows, 8)
+    windows = torch.tensor([0, 5, 10])[:, None] + torch.arange(8)
+    background = dmo.to_float(obs).median(0).values
+    fg, bg = dmo.foreground_error(Stub(False), data, windows, background)
     obj = dmo.to_float(torch.tensor(250)).item() - dmo.to_float(torch.tensor(100)).item()
     assert fg == pytest.approx(obj**2, rel=1e-5) and bg == pytest.approx(fg, rel=1e-5)  # the median is background
-    fg, bg = dmo.foreground_error(Stub(True), data, windows, 8)
+    fg, bg = dmo.foreground_error(Stub(True), data, windows, background)
     assert fg == pytest.approx(0.0, abs=1e-9) and bg == pytest.approx(obj**2, rel=1e-5)
 
 
