@@ -253,7 +253,8 @@ class AntVelocityEnv(gym.Env):
         self.foot_ids = np.array([model.geom(n).id for n in FOOT_GEOMS])
         self.knee_ids = np.array([model.geom(n).id for n in KNEE_GEOMS])
         self.gear = model.actuator_gear[:, 0].copy()
-        self.actuated_joint = model.jnt_dofadr[model.actuator_trnid[:, 0]] - 6  # dofs 0-5: free joint; actuators start at hip_4
+        # the joint each actuator drives, as an index into q[7:15] (dofs 0-5 are the free joint; actuators start at hip_4)
+        self.actuated_joint = model.jnt_dofadr[model.actuator_trnid[:, 0]] - 6
         self.episode_steps, self.resample_steps = episode_steps, command_resample_steps
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (OBS_DIM + CMD_DIM,), np.float64)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (ACT_DIM,), np.float32)
