@@ -88,8 +88,8 @@ class Args:
     """past frames and actions the denoiser is conditioned on"""
     wm_denoising_steps: int = 3
     """Euler steps of the sampler"""
-    wm_steps: int = 1500
-    """training steps"""
+    wm_steps: int = 6000
+    """training steps (at 1500 the policy learns to exploit DIAMOND's drift: README)"""
     wm_batch_size: int = 16
     """training batch size"""
     wm_lr: float = 1e-4
