@@ -183,6 +183,11 @@ class Args:
     """episodes of a quick evaluation"""
     eval_seed: int = 1_000_000
     """first evaluation seed; play data uses seeds from 0, so evaluation starts are disjoint from training"""
+    exploit_check_episodes: int = 5
+    """after the final evaluation, replay the first steps of this many evaluation episodes' actions open loop in
+    DIAMOND and compare r on real and dreamed frames (eval.json `world_model_check`; 0: skip)"""
+    exploit_check_steps: int = 32
+    """policy steps of that check; DIAMOND dreams all but the first wm_context of them"""
 
     # filled in at runtime
     run_name: str = ""
@@ -907,9 +912,10 @@ class Rollouts:
 # Zero-shot deployment in the simulator
 # ----------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(args, rssm, actor, episodes, seed, device, record=0):
+def evaluate(args, rssm, actor, episodes, seed, device, record=0, keep=0):
     """Run the policy (RSSM filter on real frames, mean action) for `episodes` episodes on seeds seed, seed+1, ...
-    Returns metrics and, for the first `record` episodes, their top-down frames."""
+    Returns metrics, the top-down frames of the first `record` episodes, and the first `keep` model-size frames
+    (episodes, keep, 3, S, S) and actions of every episode (actions[:, t] is taken after frames[:, t])."""
     sims = [gym.make(args.env_id, obs_size=args.img_size) for _ in range(episodes)]
     obs = [sim.reset(seed=seed + i)[0] for i, sim in enumerate(sims)]
     state, action = rssm.initial(episodes), torch.zeros(episodes, 2, device=device)
@@ -917,11 +923,15 @@ def evaluate(args, rssm, actor, episodes, seed, device, record=0):
     alive, returns = [True] * episodes, np.zeros(episodes)
     coverage, success = np.zeros(episodes), np.zeros(episodes, bool)
     videos = [[sims[i].unwrapped.render()] for i in range(min(record, episodes))]
+    kept_frames, kept_actions = [], []
     while any(alive):
         frames = to_float(torch.as_tensor(np.stack(obs), device=device).permute(0, 3, 1, 2))
         state, _ = rssm.obs_step(state, action, rssm.encode(frames / 2), is_first, sample=False)
         action, _ = actor(rssm.feat(state), deterministic=True)
         is_first[:] = False
+        if len(kept_frames) < keep:
+            kept_frames.append(frames)
+            kept_actions.append(action)
         for i, sim in enumerate(sims):
             if not alive[i]:
                 continue
@@ -933,7 +943,32 @@ def evaluate(args, rssm, actor, episodes, seed, device, record=0):
                 videos[i].append(sim.unwrapped.render())
     metrics = {"episodes": episodes, "successes": int(success.sum()), "success_rate": float(success.mean()),
                "mean_return": float(returns.mean()), "mean_coverage": float(coverage.mean())}
-    return metrics, videos
+    trajectory = (torch.stack(kept_frames, 1), torch.stack(kept_actions, 1)) if keep else None
+    return metrics, videos, trajectory
+
+
+@torch.no_grad()
+def exploitation_check(args, denoiser, reward_model, goal_e, frames, actions):
+    """Does the policy exploit the global world model? Replay the actions it took in the simulator open loop in
+    DIAMOND from the same first wm_context frames and score the real and the dreamed frames with r (s_start =
+    the last context frame, s_goal = the goal image, as in imagination). A policy that learned the task raises
+    r on both; one that learned a flaw of DIAMOND raises it on the dreamed frames only.
+    Returns r (episodes, T - wm_context) on the real and on the dreamed frames, and the dreamed frames."""
+    n = args.wm_context
+    past, past_actions, dreamed = frames[:, :n], actions[:, :n], []
+    for t in range(n, frames.shape[1]):
+        frame = denoiser.sample(past, past_actions, args.wm_denoising_steps)
+        dreamed.append(frame)
+        past = torch.cat([past[:, 1:], frame[:, None]], 1)
+        past_actions = torch.cat([past_actions[:, 1:], actions[:, t, None]], 1)
+    dreamed = torch.stack(dreamed, 1)
+    e_start = reward_model.embed(frames[:, n - 1])
+
+    def reward(x):  # (E, T, 3, S, S) -> (E, T)
+        e = reward_model.embed(x)
+        return reward_model.reward(e, e_start[:, None].expand_as(e), goal_e.expand_as(e))
+
+    return reward(frames[:, n:]), reward(dreamed), dreamed
 
 
 @torch.no_grad()
@@ -1102,7 +1137,7 @@ def dmo_sapo(args, data, denoiser, reward_model, goal_e, rssm, rssm_opt, device,
             writer.add_scalar(k, v, global_step)
         progress(epoch, reward=mean_r, alpha=alpha.item(), entropy=entropy.item(), SPS=sps)
         if args.eval_every and (epoch + 1) % args.eval_every == 0 and epoch + 1 < args.epochs:
-            metrics, _ = evaluate(args, rssm, actor, args.eval_quick_episodes, args.eval_seed, device)
+            metrics, _, _ = evaluate(args, rssm, actor, args.eval_quick_episodes, args.eval_seed, device)
             for k in ("success_rate", "mean_coverage", "mean_return"):
                 writer.add_scalar(f"eval/{k}", metrics[k], global_step)
             print(f"[eval] epoch {epoch + 1}: success {metrics['success_rate']:.2f}, coverage {metrics['mean_coverage']:.3f}")
@@ -1135,6 +1170,9 @@ def parse_args(argv=None):
         raise RunError(f"episode_length ({args.episode_length}) must be a multiple of horizon ({args.horizon})")
     if args.img_size % 16:
         raise RunError(f"img_size ({args.img_size}) must be a multiple of 16")
+    if args.exploit_check_episodes > 0 and args.exploit_check_steps < args.wm_context + 4:
+        raise RunError(f"exploit_check_steps ({args.exploit_check_steps}) must be at least wm_context + 4 "
+                       f"({args.wm_context + 4})")
     return args
 
 
@@ -1191,10 +1229,30 @@ def run(args):
 
     # Zero-shot deployment in the simulator
     print(f"evaluating {args.eval_episodes} episodes in {args.env_id}")
-    metrics, videos = evaluate(args, rssm, actor, args.eval_episodes, args.eval_seed, device,
-                               record=3 if args.capture_video else 0)
-    for i, frames in enumerate(videos):
-        envs.write_video(os.path.join(run_dir, f"eval_episode_{i}.mp4"), frames, scale=1)
+    keep = args.exploit_check_steps if args.exploit_check_episodes > 0 else 0
+    metrics, videos, trajectory = evaluate(args, rssm, actor, args.eval_episodes, args.eval_seed, device,
+                                           record=3 if args.capture_video else 0, keep=keep)
+    for i, video in enumerate(videos):
+        envs.write_video(os.path.join(run_dir, f"eval_episode_{i}.mp4"), video, scale=1)
+    if trajectory is not None:
+        (frames, actions), k = trajectory, args.exploit_check_episodes
+        r_real, r_dream, dreamed = exploitation_check(args, denoiser, reward_model, goal_e, frames[:k], actions[:k])
+        first, last = slice(0, 4), slice(-4, None)  # mean r over the first and the last 4 dreamed steps
+        metrics["world_model_check"] = check = {
+            "episodes": len(r_real), "steps": frames.shape[1],
+            "real_reward_first_last": [r_real[:, first].mean().item(), r_real[:, last].mean().item()],
+            "dreamed_reward_first_last": [r_dream[:, first].mean().item(), r_dream[:, last].mean().item()]}
+        (a, b), (c, d) = check["real_reward_first_last"], check["dreamed_reward_first_last"]
+        print(f"the policy's actions replayed in DIAMOND: r on real frames {a:.2f} -> {b:.2f}, on dreamed frames "
+              f"{c:.2f} -> {d:.2f} (first -> last 4 of {frames.shape[1] - args.wm_context} steps, {len(r_real)} episodes)")
+        if d - b > 0.2:
+            print("warning: the dreamed frames score higher than the real ones: the policy may exploit DIAMOND's "
+                  "errors (README: The policy exploits the global world model)")
+        if args.capture_video:  # real above dreamed, every 4th step, one pair of rows per episode
+            real_rows = torch.cat(list(frames[:k, args.wm_context :: 4].transpose(0, 1)), -1)  # (k, 3, S, W)
+            dream_rows = torch.cat(list(dreamed[:, ::4].transpose(0, 1)), -1)
+            image = torch.cat([torch.cat([r, d], -2) for r, d in zip(real_rows, dream_rows)], -2)
+            writer.add_image("eval/real_vs_dreamed", to_uint8(image).cpu().numpy(), global_step)
     if args.capture_video:
         video, errors = imagined_vs_real(args, data, denoiser, rssm)
         envs.write_video(os.path.join(run_dir, "imagined_vs_real_final.mp4"), video)

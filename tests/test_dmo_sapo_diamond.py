@@ -179,6 +179,38 @@ def test_foreground_error_scores_only_the_moving_objects():
     assert fg == pytest.approx(0.0, abs=1e-9) and bg == pytest.approx(obj**2, rel=1e-5)
 
 
+def test_exploitation_check_replays_the_actions_in_order():
+    # DIAMOND stubs: an oracle that returns the true next frame (it also checks that it is conditioned on the
+    # right frames and actions) scores exactly as the real frames; one that always dreams the goal scores r(goal)
+    torch.manual_seed(0)
+    n, T = 4, 10
+    args = dmo.Args(**dmo.PRESETS["tiny"])
+    frames, actions = torch.rand(2, T, 3, 32, 32) * 2 - 1, torch.rand(2, T, 2) * 2 - 1
+    reward_model = dmo.RewardModel(32).eval()
+    goal = torch.rand(3, 32, 32) * 2 - 1
+    goal_e = reward_model.embed(goal[None])
+
+    class Oracle:
+        t = n
+
+        def sample(self, past, past_actions, steps):
+            assert torch.equal(past, frames[:, self.t - n : self.t]) and torch.equal(past_actions, actions[:, self.t - n : self.t])
+            self.t += 1
+            return frames[:, self.t - 1]
+
+    class Goal:
+        def sample(self, past, past_actions, steps):
+            return goal.expand(len(past), -1, -1, -1)
+
+    r_real, r_dream, dreamed = dmo.exploitation_check(args, Oracle(), reward_model, goal_e, frames, actions)
+    assert r_real.shape == (2, T - n) and torch.equal(dreamed, frames[:, n:]) and torch.allclose(r_dream, r_real)
+    e_start = reward_model.embed(frames[:, n - 1])
+    expected = reward_model.reward(reward_model.embed(frames[1, 7, None]), e_start[1, None], goal_e)
+    assert r_real[1, 7 - n].item() == pytest.approx(expected.item(), rel=1e-5)
+    _, r_dream, _ = dmo.exploitation_check(args, Goal(), reward_model, goal_e, frames, actions)
+    assert torch.allclose(r_dream, reward_model.reward(goal_e.expand(2, -1), e_start, goal_e.expand(2, -1))[:, None].expand(-1, T - n), atol=1e-5)
+
+
 def run_script(*args, timeout=300):
     return subprocess.run([sys.executable, "dmo_sapo_diamond.py", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
@@ -193,6 +225,8 @@ def test_tiny_preset_runs_the_pipeline(play_data, tmp_path):
                 "mean_coverage"):
         assert key in result
     assert result["episodes"] == 2 and result["global_step"] == 4 * 8 * 8 and 0 <= result["mean_coverage"] <= 1
+    check = result["world_model_check"]  # the policy's actions replayed in DIAMOND, on both evaluation episodes
+    assert check["episodes"] == 2 and check["steps"] == 32 and len(check["dreamed_reward_first_last"]) == 2
     for name in ("world_model.pt", "reward_model.pt", "rssm.pt", "agent.pt", "imagined_vs_real_final.mp4",
                  "eval_episode_0.mp4", "args.json"):
         assert (run_dir / name).exists(), name
@@ -206,7 +240,7 @@ def test_tiny_preset_runs_the_pipeline(play_data, tmp_path):
     actor.load_state_dict(ckpt["actor"])
     assert ckpt["epoch"] == 4 and ckpt["global_step"] == 256
     # the checkpoint alone reproduces the run's evaluation
-    metrics, _ = dmo.evaluate(dmo.Args(**{**dmo.PRESETS["tiny"]}), rssm, actor, 2, args.eval_seed, torch.device("cpu"))
+    metrics, _, _ = dmo.evaluate(dmo.Args(**{**dmo.PRESETS["tiny"]}), rssm, actor, 2, args.eval_seed, torch.device("cpu"))
     assert metrics["mean_coverage"] == pytest.approx(result["mean_coverage"], abs=1e-6)
     # a checkpoint of the wrong kind, or of another configuration, is a one-line error
     r = run_script("--preset", "tiny", "--runs-dir", str(tmp_path / "x"), "--data-path", play_data,
