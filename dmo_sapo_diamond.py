@@ -222,7 +222,11 @@ def load_play_data(args, device):
     if not os.path.exists(path) and args.data_path is None:
         print(f"collecting {args.play_steps} frames of play data into {path}")
         envs.save_dataset(path, envs.collect(args.env_id, args.play_steps, seed=0))
-    return frames_to_tensors(envs.load_dataset(path), path, args.img_size, device)
+    data = envs.load_dataset(path)
+    if args.data_path is None and len(data["obs"]) != args.play_steps:  # collected earlier, e.g. by another preset
+        raise RunError(f"{path} holds {len(data['obs'])} frames but --play-steps is {args.play_steps}: delete it to "
+                       f"collect anew, or pass --data-path {path} to train on it as it is")
+    return frames_to_tensors(data, path, args.img_size, device)
 
 
 def load_goal_videos(args, device):
@@ -232,7 +236,11 @@ def load_goal_videos(args, device):
     if not os.path.exists(path) and args.reward_video_path is None:
         print(f"collecting {args.reward_goal_videos} goal videos into {path}")
         envs.save_dataset(path, envs.pusht_goal_videos(args.reward_goal_videos, seed=1))
-    return frames_to_tensors(envs.load_dataset(path), path, args.img_size, device)
+    videos = envs.load_dataset(path)
+    if args.reward_video_path is None and videos["is_first"].sum() != args.reward_goal_videos:
+        raise RunError(f"{path} holds {videos['is_first'].sum()} goal videos but --reward-goal-videos is "
+                       f"{args.reward_goal_videos}: delete it to collect anew, or pass --reward-video-path {path}")
+    return frames_to_tensors(videos, path, args.img_size, device)
 
 
 def frames_to_tensors(data, path, img_size, device):

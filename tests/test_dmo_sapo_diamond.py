@@ -273,3 +273,13 @@ def test_bad_data_file_is_a_one_line_error(tmp_path):
     r = run_script("--preset", "tiny", "--runs-dir", str(tmp_path), "--data-path", str(bad), timeout=60)
     assert r.returncode == 1 and "'action'" in r.stderr and str(bad) in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cached_play_data_of_another_size_is_a_one_line_error(play_data, tmp_path):
+    # data/PushT-v0_play.npz left by a run of another preset must not silently become this run's play data
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "PushT-v0_play.npz").write_bytes(open(play_data, "rb").read())  # 1600 frames
+    r = run_script("--preset", "tiny", "--runs-dir", str(tmp_path / "runs"), "--data-dir", str(tmp_path / "data"),
+                   timeout=60)
+    assert r.returncode == 1 and "holds 1600 frames but --play-steps is 1200" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
