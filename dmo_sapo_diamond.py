@@ -839,7 +839,8 @@ def pretrain_rssm(args, data, reward_model, goal_e, device, writer, run_dir):
     fg, bg = log_foreground()
     if fg > 0.8 * bg:
         print("RSSM: warning: its reconstruction of the tool and the T is hardly better than the background's; "
-              "the policy will not see them (try more --rssm-pretrain-steps or a higher --rssm-recon-scale)")
+              "the policy will not see them (README: a stuck RSSM stayed stuck for 2000 more steps; another --seed "
+              "broke through)")
     return rssm, opt
 
 
@@ -977,6 +978,18 @@ def exploitation_check(args, denoiser, reward_model, goal_e, frames, actions):
         return reward_model.reward(e, e_start[:, None].expand_as(e), goal_e.expand_as(e))
 
     return reward(frames[:, n:]), reward(dreamed), dreamed
+
+
+def first_last(r):
+    """Per episode, the mean r of the first and of the last 4 steps of an exploitation check."""
+    return r[:, :4].mean(1), r[:, -4:].mean(1)
+
+
+def real_vs_dreamed_image(frames, dreamed, context):
+    """(3, H, W): for each episode a row of real frames above a row of dreamed ones, every 4th step."""
+    pairs = [torch.cat([torch.cat(list(real[context::4]), -1), torch.cat(list(dream[::4]), -1)], -2)
+             for real, dream in zip(frames, dreamed)]
+    return torch.cat(pairs, -2)
 
 
 @torch.no_grad()
@@ -1245,21 +1258,16 @@ def run(args):
     if trajectory is not None:
         (frames, actions), k = trajectory, args.exploit_check_episodes
         r_real, r_dream, dreamed = exploitation_check(args, denoiser, reward_model, goal_e, frames[:k], actions[:k])
-        first, last = slice(0, 4), slice(-4, None)  # mean r over the first and the last 4 dreamed steps
-        metrics["world_model_check"] = check = {
-            "episodes": len(r_real), "steps": frames.shape[1],
-            "real_reward_first_last": [r_real[:, first].mean().item(), r_real[:, last].mean().item()],
-            "dreamed_reward_first_last": [r_dream[:, first].mean().item(), r_dream[:, last].mean().item()]}
-        (a, b), (c, d) = check["real_reward_first_last"], check["dreamed_reward_first_last"]
+        (a, b), (c, d) = ([x.mean().item() for x in first_last(r)] for r in (r_real, r_dream))
+        metrics["world_model_check"] = {"episodes": len(r_real), "steps": frames.shape[1],
+                                        "real_reward_first_last": [a, b], "dreamed_reward_first_last": [c, d]}
         print(f"the policy's actions replayed in DIAMOND: r on real frames {a:.2f} -> {b:.2f}, on dreamed frames "
               f"{c:.2f} -> {d:.2f} (first -> last 4 of {frames.shape[1] - args.wm_context} steps, {len(r_real)} episodes)")
         if d - b > 0.2:
             print("warning: the dreamed frames score higher than the real ones: the policy may exploit DIAMOND's "
                   "errors (README: The policy exploits the global world model)")
-        if args.capture_video:  # real above dreamed, every 4th step, one pair of rows per episode
-            real_rows = torch.cat(list(frames[:k, args.wm_context :: 4].transpose(0, 1)), -1)  # (k, 3, S, W)
-            dream_rows = torch.cat(list(dreamed[:, ::4].transpose(0, 1)), -1)
-            image = torch.cat([torch.cat([r, d], -2) for r, d in zip(real_rows, dream_rows)], -2)
+        if args.capture_video:
+            image = real_vs_dreamed_image(frames[:k], dreamed, args.wm_context)
             writer.add_image("eval/real_vs_dreamed", to_uint8(image).cpu().numpy(), global_step)
     if args.capture_video:
         video, errors = imagined_vs_real(args, data, denoiser, rssm)

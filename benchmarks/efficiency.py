@@ -63,5 +63,8 @@ if __name__ == "__main__":
         needed[name] = steps[hit[0]] if len(hit) else None
         to_target = f"{steps[hit[0]]:,} | {seconds[hit[0]] / 60:.1f} min" if len(hit) else "not reached | -"
         print(f"| {name} | {to_target} | {reward[-1]:.3f} | {steps[-1]:,} | {seconds[-1] / 60:.1f} min |")
-    if needed["DMO"] and needed["PPO"]:
+    below = [name for name, (_, reward, _) in curves.items() if reward[-1] < target]
+    if below:  # a curve that touched the target and fell back did not reach it in any useful sense
+        print(f"\n{' and '.join(below)} ends below the target: no sample ratio (the paper, Push-T: PPO needs 5x DMO's)")
+    elif needed["DMO"] and needed["PPO"]:
         print(f"\nPPO needs {needed['PPO'] / needed['DMO']:.1f}x the world-model samples of DMO (paper, Push-T: 5x)")
