@@ -839,8 +839,7 @@ def pretrain_rssm(args, data, reward_model, goal_e, device, writer, run_dir):
     fg, bg = log_foreground()
     if fg > 0.8 * bg:
         print("RSSM: warning: its reconstruction of the tool and the T is hardly better than the background's; "
-              "the policy will not see them (README: a stuck RSSM stayed stuck for 2000 more steps; another --seed "
-              "broke through)")
+              "the policy will not see them (README: Why the RSSM's reconstruction is weighted 64x)")
     return rssm, opt
 
 
