@@ -111,6 +111,10 @@ class Args:
     reward_goal_videos: int = 150
     """64-frame videos that end with the T on its target (envs.pusht_goal_videos: play from the goal, reversed),
     trained on beside the play segments so that "closer to the goal image" means the T's pose; 0: play only"""
+    reward_video_fraction: float = 1.0
+    """share of each batch's ranking pairs drawn from the goal videos, the rest from play segments. Play's own
+    clock disagrees with the goal's (play drifts the T away from the centre), and the goal image does not
+    undo that: at 0.24 (the videos' share of frames) r rewarded the T far from its target (README)"""
     reward_video_path: Optional[str] = None
     """a file of such videos (the data format, each episode ending at the goal); default
     {env_id}_goal_videos.npz beside the play data, collected when missing"""
@@ -131,6 +135,10 @@ class Args:
     rssm_recon_scale: float = 64.0
     """weight of the summed-pixel reconstruction loss against the KL (DreamerV3: 1). At 32x32 the tool and
     the T cover a few pixels, and at weight 1 to 16 the RSSM often leaves them out of its latent (README)"""
+    rssm_fg_weight: float = 10.0
+    """weight of the reconstruction error on the pixels that differ from the play data's median frame (the tool
+    and the T), the others weigh 1 (DreamerV3: 1 everywhere). Without it the `default` RSSM often stays at the
+    background solution and the policy does not see what it must move (README)"""
     rssm_finetune_steps: int = 4
     """fine-tuning steps per epoch on the global model's trajectories"""
     no_rssm_finetune: bool = False
@@ -204,8 +212,8 @@ PRESETS = {
     "paper": dict(play_steps=72_000, img_size=64, wm_channels=[64, 64, 64, 64], wm_depths=[4, 4, 4, 4],
                   wm_cond_channels=256, wm_steps=200_000, wm_batch_size=8, reward_steps=50_000,
                   reward_goal_videos=500, rssm_size="push_t", rssm_pretrain_steps=50_000, rssm_seq_len=64,
-                  rssm_lr=1e-4, rssm_recon_scale=1.0, rssm_finetune_steps=20, epochs=4000, num_envs=128,
-                  episode_length=128, eval_episodes=100, eval_every=100),
+                  rssm_lr=1e-4, rssm_recon_scale=1.0, rssm_fg_weight=1.0, rssm_finetune_steps=20, epochs=4000,
+                  num_envs=128, episode_length=128, eval_episodes=100, eval_every=100),
 }
 
 
@@ -671,10 +679,12 @@ def train_reward_model(args, data, goal, device, writer, run_dir, videos=None):
     held_out = episodes[-max(1, len(episodes) // 10):]  # the last 10 % of episodes are held out
     train_eps = episodes[: len(episodes) - len(held_out)] if len(episodes) > 1 else episodes
     pool = {"obs": data["obs"], "episode": data["episode"]}  # what the ranking pairs are drawn from
-    if videos is not None:  # goal videos become extra training episodes, numbered after the play episodes
+    video_eps = torch.zeros(0, dtype=episodes.dtype)
+    if videos is not None:  # goal videos become extra episodes, numbered after the play episodes
         pool = {"obs": torch.cat([data["obs"], videos["obs"]]),
                 "episode": torch.cat([data["episode"], videos["episode"] + len(episodes)])}
-        train_eps = torch.cat([train_eps, torch.unique(videos["episode"]).cpu() + len(episodes)])
+        video_eps = torch.unique(videos["episode"]).cpu() + len(episodes)
+    n_video = round(args.reward_video_fraction * args.reward_batch_size) if len(video_eps) else 0
 
     def batch(size, eps):
         """Pairs (earlier, later) from segments of the episodes `eps`, with the segments' first and last frames."""
@@ -695,14 +705,19 @@ def train_reward_model(args, data, goal, device, writer, run_dir, videos=None):
         margin = model.energy(e[:, 3], e[:, 0], e[:, 1]) - model.energy(e[:, 2], e[:, 0], e[:, 1])
         return F.softplus(-margin).mean(), (margin > 0).float().mean()  # -log sigmoid(f(later) - f(earlier))
 
-    videos_n = 0 if videos is None else int(videos["is_first"].sum())
-    print(f"reward model: training for {args.reward_steps} steps on {len(train_eps) - videos_n} play episodes "
-          f"and {videos_n} goal videos ({len(held_out)} held-out play episodes)")
+    def train_batch():  # play pairs, then goal-video pairs (the play data's own clock and the goal's disagree:
+        # play drifts the T away from the centre over time, goal videos bring it to the target)
+        frames = batch(args.reward_batch_size - n_video, train_eps)
+        return torch.cat([frames, batch(n_video, video_eps)]) if n_video else frames
+
+    print(f"reward model: training for {args.reward_steps} steps; pairs per batch: "
+          f"{args.reward_batch_size - n_video} from {len(train_eps)} play episodes, {n_video} from "
+          f"{len(video_eps)} goal videos ({len(held_out)} play episodes held out)")
     progress = Progress("reward_model", args.reward_steps, step)
     save = lambda done: save_checkpoint(path, "reward_model", args, model=model.state_dict(), done=done,
                                         optimizer=opt.state_dict(), step=step)
     while step < args.reward_steps:
-        loss, acc = bradley_terry(batch(args.reward_batch_size, train_eps))
+        loss, acc = bradley_terry(train_batch())
         check_finite("reward-model loss", loss.item(), step, path)
         opt.zero_grad()
         loss.backward()
@@ -753,10 +768,25 @@ def coverage_correlation(args, model, data, goal, episodes, device):
 # ----------------------------------------------------------------------------------------------------
 # Offline pretraining of the local model f<- (RSSM) and its fine-tuning replay
 # ----------------------------------------------------------------------------------------------------
-def rssm_train_step(rssm, opt, frames, actions, is_first, rewards):
-    """One DreamerV3 world-model step on (B, T) float frames in [-1, 1]; actions[:, t] led into frame t."""
+def median_frame(data):
+    """The play data's median frame: Push-T's background under its fixed camera (float, [-1, 1])."""
+    return to_float(data["obs"][:2000]).median(0).values
+
+
+def foreground_mask(frames, background):
+    """(..., 1, H, W) True where a frame differs from the background: the tool and the T."""
+    return (frames - background).abs().sum(-3, keepdim=True) > 0.3
+
+
+def rssm_train_step(rssm, opt, frames, actions, is_first, rewards, background=None, fg_weight=1.0):
+    """One DreamerV3 world-model step on (B, T) float frames in [-1, 1]; actions[:, t] led into frame t.
+    With fg_weight > 1 the reconstruction error on the pixels that differ from `background` counts fg_weight
+    times (README: Why the RSSM's reconstruction is weighted)."""
     post, prior = rssm.observe(rssm.encode(frames / 2), actions, is_first)
-    loss, parts = rssm.loss(post, prior, frames / 2, rewards, torch.ones_like(rewards))
+    weight = None
+    if fg_weight != 1.0:
+        weight = 1.0 + (fg_weight - 1.0) * foreground_mask(frames, background).float()
+    loss, parts = rssm.loss(post, prior, frames / 2, rewards, torch.ones_like(rewards), pixel_weight=weight)
     opt.zero_grad()
     loss.backward()
     nn.utils.clip_grad_norm_(rssm.parameters(), 1000.0)
@@ -781,7 +811,7 @@ def foreground_error(rssm, data, idx, background):
     frames, actions, is_first = rssm_sequences(data, idx)
     post, _ = rssm.observe(rssm.encode(frames / 2), actions, is_first)
     recon = rssm.decode(rssm.feat(post)) * 2
-    fg = ((frames - background).abs().sum(2, keepdim=True) > 0.3).expand_as(frames)
+    fg = foreground_mask(frames, background).expand_as(frames)
     return ((recon - frames) ** 2)[fg].mean().item(), ((background - frames) ** 2)[fg].mean().item()
 
 
@@ -810,7 +840,7 @@ def pretrain_rssm(args, data, reward_model, goal_e, device, writer, run_dir):
                                         step=step, done=done)
     probe = starts[torch.randperm(len(starts), generator=torch.Generator().manual_seed(0))[:32]]
     probe = (probe[:, None] + torch.arange(T)).to(device)
-    background = to_float(data["obs"][:2000]).median(0).values
+    background = median_frame(data)
 
     def log_foreground():  # forked RNG: the diagnostic leaves the run's random stream as it was
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -827,7 +857,7 @@ def pretrain_rssm(args, data, reward_model, goal_e, device, writer, run_dir):
         with torch.no_grad():  # rewards from the global reward model, s_start = the sequence's first frame
             e = reward_model.embed(frames)
             rewards = reward_model.reward(e, e[:, :1].expand_as(e), goal_e.expand_as(e))
-        parts = rssm_train_step(rssm, opt, frames, actions, is_first, rewards)
+        parts = rssm_train_step(rssm, opt, frames, actions, is_first, rewards, background, args.rssm_fg_weight)
         check_finite("RSSM loss", parts["loss"], step, path)
         for k, v in parts.items():
             writer.add_scalar(f"rssm/{k}", v, step)
@@ -1100,6 +1130,7 @@ def dmo_sapo(args, data, denoiser, reward_model, goal_e, rssm, rssm_opt, device,
                         critic_sched=critic_sched.state_dict(), epoch=epoch, global_step=epoch * B * H)
 
     finetune = not args.no_rssm_finetune and args.forward_model == "diamond"
+    background = median_frame(data)  # for the fine-tuning's foreground weight
     replay = Replay(min(args.replay_size, args.epochs * B * (H + 1)), H, args.img_size) if finetune else None
     rollouts = Rollouts(args, data, rssm, reward_model, goal_e, device)
     progress = Progress("dmo_sapo", args.epochs, start_epoch)
@@ -1109,7 +1140,8 @@ def dmo_sapo(args, data, denoiser, reward_model, goal_e, rssm, rssm_opt, device,
         # Backward model learning: fine-tune the RSSM on the global model's trajectories
         if finetune and len(replay) > 0:
             for _ in range(args.rssm_finetune_steps):
-                parts = rssm_train_step(rssm, rssm_opt, *replay.sample(args.rssm_batch_size, device))
+                parts = rssm_train_step(rssm, rssm_opt, *replay.sample(args.rssm_batch_size, device),
+                                        background, args.rssm_fg_weight)
             check_finite("RSSM fine-tuning loss", parts["loss"], epoch, path)
             for k, v in parts.items():
                 writer.add_scalar(f"rssm/finetune_{k}", v, epoch * B * H)
@@ -1190,6 +1222,8 @@ def parse_args(argv=None):
         raise RunError(f"episode_length ({args.episode_length}) must be a multiple of horizon ({args.horizon})")
     if args.img_size % 16:
         raise RunError(f"img_size ({args.img_size}) must be a multiple of 16")
+    if not 0 <= args.reward_video_fraction <= 1:
+        raise RunError(f"reward_video_fraction ({args.reward_video_fraction}) must be in [0, 1]")
     if args.exploit_check_episodes > 0 and args.exploit_check_steps < args.wm_context + 4:
         raise RunError(f"exploit_check_steps ({args.exploit_check_steps}) must be at least wm_context + 4 "
                        f"({args.wm_context + 4})")

@@ -280,12 +280,16 @@ class RSSM(nn.Module):
         free = self.cfg.free_nats
         return dyn.clamp(min=free).mean(), rep.clamp(min=free).mean(), rep.detach().mean()
 
-    def loss(self, post, prior, obs, rewards, conts):
-        """World-model loss on `observe`'s output for (B, T) frames: (total, parts for logging)."""
+    def loss(self, post, prior, obs, rewards, conts, pixel_weight=None):
+        """World-model loss on `observe`'s output for (B, T) frames: (total, parts for logging).
+        `pixel_weight` (broadcastable to obs) weights each squared error of the reconstruction (default 1)."""
         c = self.cfg
         feat = self.feat(post)
         target = obs if self.image else symlog(obs)
-        recon = (self.decoder(feat) - target).pow(2).flatten(2).sum(-1).mean()  # MSE summed over the frame
+        err = (self.decoder(feat) - target).pow(2)
+        if pixel_weight is not None:
+            err = err * pixel_weight
+        recon = err.flatten(2).sum(-1).mean()  # MSE summed over the frame
         log_p = self.reward_head(feat).log_softmax(-1)
         reward = -(twohot(symlog(rewards), self.bins) * log_p).sum(-1).mean()
         cont = F.binary_cross_entropy_with_logits(self.cont_head(feat).squeeze(-1), conts)

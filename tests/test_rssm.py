@@ -215,6 +215,27 @@ def moving_square(n, T, size=64, side=24, gen=None):
     return obs, actions, rewards
 
 
+def test_pixel_weight_scales_each_squared_error():
+    m = make()
+    obs = torch.rand(B, T, 3, 64, 64) - 0.5
+    is_first = torch.zeros(B, T, dtype=torch.bool)
+    is_first[:, 0] = True
+    post, prior = m.observe(m.encode(obs), torch.zeros(B, T, A), is_first)
+    args = (post, prior, obs, torch.zeros(B, T), torch.ones(B, T))
+    with torch.no_grad():
+        err = (m.decode(m.feat(post)) - obs).pow(2)
+        _, plain = m.loss(*args)
+        _, ones = m.loss(*args, pixel_weight=torch.ones(B, T, 1, 64, 64))
+        weight = torch.ones(B, T, 1, 64, 64)
+        weight[..., :8, :] = 5.0  # the top 8 rows count 5 times
+        _, weighted = m.loss(*args, pixel_weight=weight)
+    assert plain["recon"].item() == pytest.approx(err.sum((2, 3, 4)).mean().item(), rel=1e-5)
+    assert ones["recon"].item() == pytest.approx(plain["recon"].item(), rel=1e-6)
+    expected = (err.sum((2, 3, 4)) + 4 * err[..., :8, :].sum((2, 3, 4))).mean()
+    assert weighted["recon"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert weighted["kl"].item() == pytest.approx(plain["kl"].item())  # only the reconstruction changes
+
+
 def test_learns_moving_square():
     m = RSSM(RSSMConfig.preset("tiny", obs_shape=(3, 64, 64), action_dim=2))
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
