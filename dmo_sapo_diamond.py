@@ -110,11 +110,11 @@ class Args:
     """longest play segment (frames) whose first/last frames serve as s_start/s_goal in training"""
     reward_goal_videos: int = 150
     """64-frame videos that end with the T on its target (envs.pusht_goal_videos: play from the goal, reversed),
-    trained on beside the play segments so that "closer to the goal image" means the T's pose; 0: play only"""
+    whose segments r learns to rank so that "closer to the goal image" means the T's pose; 0: play only"""
     reward_video_fraction: float = 1.0
     """share of each batch's ranking pairs drawn from the goal videos, the rest from play segments. Play's own
     clock disagrees with the goal's (play drifts the T away from the centre), and the goal image does not
-    undo that: at 0.24 (the videos' share of frames) r rewarded the T far from its target (README)"""
+    undo that: mixed by frames (about 1 pair in 5 from the videos), r rewarded the T far from its target (README)"""
     reward_video_path: Optional[str] = None
     """a file of such videos (the data format, each episode ending at the goal); default
     {env_id}_goal_videos.npz beside the play data, collected when missing"""
@@ -869,7 +869,7 @@ def pretrain_rssm(args, data, reward_model, goal_e, device, writer, run_dir):
     fg, bg = log_foreground()
     if fg > 0.8 * bg:
         print("RSSM: warning: its reconstruction of the tool and the T is hardly better than the background's; "
-              "the policy will not see them (README: Why the RSSM's reconstruction is weighted 64x)")
+              "the policy will not see them (README: Why the RSSM's reconstruction is weighted)")
     return rssm, opt
 
 
