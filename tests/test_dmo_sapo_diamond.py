@@ -179,6 +179,38 @@ def test_foreground_error_scores_only_the_moving_objects():
     assert fg == pytest.approx(0.0, abs=1e-9) and bg == pytest.approx(obj**2, rel=1e-5)
 
 
+def test_rssm_step_weights_the_foreground_pixels():
+    # frames of a uniform background with a 2x2 object: --rssm-fg-weight W multiplies the object's squared errors
+    # by W and leaves the background's at 1; W = 1 is DreamerV3's plain loss (no weight at all)
+    frames = dmo.to_float(torch.full((2, 3, 3, 8, 8), 100, dtype=torch.uint8))
+    frames[:, :, :, 2:4, 5:7] = dmo.to_float(torch.tensor(250))
+    background = dmo.to_float(torch.full((3, 8, 8), 100, dtype=torch.uint8))
+
+    class Stub(torch.nn.Module):  # records the pixel weight rssm_train_step hands to RSSM.loss
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(()))
+
+        def encode(self, x):
+            return x
+
+        def observe(self, embed, actions, is_first):
+            return None, None
+
+        def loss(self, post, prior, obs, rewards, conts, pixel_weight=None):
+            self.weight = pixel_weight
+            return self.p * 0 + 1, {"loss": torch.tensor(1.0)}
+
+    stub = Stub()
+    opt = torch.optim.SGD(stub.parameters(), lr=0.1)
+    dmo.rssm_train_step(stub, opt, frames, None, None, torch.zeros(2, 3), background, 10.0)
+    expected = torch.ones(2, 3, 1, 8, 8)
+    expected[..., 2:4, 5:7] = 10.0
+    assert torch.equal(stub.weight.expand(2, 3, 1, 8, 8), expected)
+    dmo.rssm_train_step(stub, opt, frames, None, None, torch.zeros(2, 3), background, 1.0)
+    assert stub.weight is None
+
+
 def test_exploitation_check_replays_the_actions_in_order():
     # DIAMOND stubs: an oracle that returns the true next frame (it also checks that it is conditioned on the
     # right frames and actions) scores exactly as the real frames; one that always dreams the goal scores r(goal)
