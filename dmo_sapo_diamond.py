@@ -676,7 +676,7 @@ def train_reward_model(args, data, goal, device, writer, run_dir, videos=None):
     elif args.reward_checkpoint:
         raise RunError(f"{path}: no such reward-model checkpoint")
     episodes = torch.unique(data["episode"]).cpu()
-    held_out = episodes[-max(1, len(episodes) // 10):]  # the last 10 % of episodes are held out
+    held_out = held_out_episodes(data)
     train_eps = episodes[: len(episodes) - len(held_out)] if len(episodes) > 1 else episodes
     pool = {"obs": data["obs"], "episode": data["episode"]}  # what the ranking pairs are drawn from
     video_eps = torch.zeros(0, dtype=episodes.dtype)
@@ -743,25 +743,41 @@ def train_reward_model(args, data, goal, device, writer, run_dir, videos=None):
     print(f"reward model: held-out ranking accuracy {acc.item():.3f}")
     writer.add_scalar("reward_model/heldout_accuracy", acc.item(), step)
     if data["state"] is not None:
-        corr = coverage_correlation(args, model, data, goal, held_out, device)
+        corr = coverage_correlation(model, data, goal, held_out, device)
         print(f"reward model: correlation of the goal-image reward with true coverage on held-out play {corr:.3f}")
         writer.add_scalar("reward_model/coverage_correlation", corr, step)
     save(True)
     return model
 
 
+def held_out_episodes(data):
+    """The last 10 % of play episodes: the reward model's held-out test, never trained on."""
+    episodes = torch.unique(data["episode"]).cpu()
+    return episodes[-max(1, len(episodes) // 10):]
+
+
 @torch.no_grad()
-def coverage_correlation(args, model, data, goal, episodes, device):
-    """Pearson correlation of r(s_t | s_0, goal image) with gym-pusht's coverage over the given episodes."""
-    env = envs.PushTEnv()
-    mask = torch.isin(data["episode"].cpu(), episodes).numpy()
+def goal_rewards(model, data, goal, episodes, device):
+    """r(s_t | s_0, goal image) on every frame of the given play episodes (s_0: the episode's first frame), and
+    the simulator states of those frames."""
     first = data["is_first"].cpu().numpy()
-    idx = np.flatnonzero(mask)
+    idx = np.flatnonzero(torch.isin(data["episode"].cpu(), episodes).numpy())
     starts = np.maximum.accumulate(np.where(first, np.arange(len(first)), 0))[idx]
     e_t = model.embed(to_float(data["obs"][torch.as_tensor(idx, device=device)]))
     e_s = model.embed(to_float(data["obs"][torch.as_tensor(starts, device=device)]))
-    rewards = model.reward(e_t, e_s, model.embed(goal[None]).expand_as(e_t)).cpu().numpy()
-    coverage = np.array([env.reset(options={"state": s})[1]["coverage"] for s in data["state"][idx]])
+    return model.reward(e_t, e_s, model.embed(goal[None]).expand_as(e_t)).cpu().numpy(), data["state"][idx]
+
+
+def true_coverage(states):
+    """gym-pusht's coverage of the T's target for each simulator state."""
+    env = envs.PushTEnv()
+    return np.array([env.reset(options={"state": s})[1]["coverage"] for s in states])
+
+
+def coverage_correlation(model, data, goal, episodes, device):
+    """Pearson correlation of r(s_t | s_0, goal image) with gym-pusht's coverage over the given episodes."""
+    rewards, states = goal_rewards(model, data, goal, episodes, device)
+    coverage = true_coverage(states)
     return float(np.corrcoef(rewards, coverage)[0, 1]) if coverage.std() > 0 else float("nan")
 
 
@@ -1130,7 +1146,7 @@ def dmo_sapo(args, data, denoiser, reward_model, goal_e, rssm, rssm_opt, device,
                         critic_sched=critic_sched.state_dict(), epoch=epoch, global_step=epoch * B * H)
 
     finetune = not args.no_rssm_finetune and args.forward_model == "diamond"
-    background = median_frame(data)  # for the fine-tuning's foreground weight
+    background = median_frame(data) if finetune else None  # for the fine-tuning's foreground weight
     replay = Replay(min(args.replay_size, args.epochs * B * (H + 1)), H, args.img_size) if finetune else None
     rollouts = Rollouts(args, data, rssm, reward_model, goal_e, device)
     progress = Progress("dmo_sapo", args.epochs, start_epoch)

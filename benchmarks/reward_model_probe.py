@@ -29,7 +29,6 @@ class Args:
     """where envs.pusht_goal_image draws the tool"""
 
 
-@torch.no_grad()
 def probe(run, goal_tool_xy):
     with open(os.path.join(run, "args.json")) as f:
         saved = json.load(f)
@@ -38,21 +37,14 @@ def probe(run, goal_tool_xy):
     model = dmo.RewardModel(args.img_size).eval()
     model.load_state_dict(dmo.load_checkpoint(path, "reward_model")["model"])
     data = dmo.load_play_data(args, torch.device("cpu"))
-    episodes = torch.unique(data["episode"])
-    held_out = episodes[-max(1, len(episodes) // 10):]
-    idx = np.flatnonzero(torch.isin(data["episode"], held_out).numpy())
-    first = data["is_first"].numpy()
-    starts = np.maximum.accumulate(np.where(first, np.arange(len(first)), 0))[idx]
     goal = dmo.to_float(torch.as_tensor(envs.pusht_goal_image(args.img_size)).permute(2, 0, 1))
-    e_t, e_s = (model.embed(dmo.to_float(data["obs"][torch.as_tensor(i)])) for i in (idx, starts))
-    r = model.reward(e_t, e_s, model.embed(goal[None]).expand_as(e_t)).numpy()
-    state = data["state"][idx]
-    env = envs.PushTEnv()
-    coverage = np.array([env.reset(options={"state": s})[1]["coverage"] for s in state])
+    held_out = dmo.held_out_episodes(data)
+    r, state = dmo.goal_rewards(model, data, goal, held_out, torch.device("cpu"))
+    coverage = dmo.true_coverage(state)
     t_close = -np.linalg.norm(state[:, 2:4] - envs.PushTEnv.goal_pose[:2], axis=1)
     tool_close = -np.linalg.norm(state[:, :2] - np.array(goal_tool_xy), axis=1)
     corr = lambda x: float(np.corrcoef(r, x)[0, 1])
-    return saved.get("seed"), saved.get("reward_video_fraction"), len(idx), corr(coverage), corr(t_close), corr(tool_close)
+    return saved.get("seed"), saved.get("reward_video_fraction"), len(r), corr(coverage), corr(t_close), corr(tool_close)
 
 
 def main(a):
