@@ -155,8 +155,10 @@ class Args:
     """parallel imagined rollouts (Table 4: 128)"""
     horizon: int = 16
     """steps per actor update (Table 4: 16)"""
-    episode_length: int = 64
-    """rollouts continue across horizons for this many steps, then restart from play data"""
+    episode_length: int = 16
+    """rollouts continue across horizons for this many steps, then restart from play data. The `default` DIAMOND
+    drifts over long closed-loop rollouts and a policy trained on 64 learned that drift, not the simulator (README:
+    What the policy learns); `paper`: 128"""
     gamma: float = 0.99
     """discount"""
     lam: float = 0.95
@@ -731,10 +733,10 @@ def train_reward_model(args, data, goal, device, writer, run_dir, videos=None):
     model.eval()
     with torch.no_grad():
         _, acc = bradley_terry(batch(1024, held_out))
-        # standardise the energy on play frames, measured from a start up to an episode length earlier
-        starts = window_starts(data, min(args.episode_length, 32), train_eps)
+        # standardise the energy on play frames, measured from a start up to 32 frames earlier
+        starts = window_starts(data, 32, train_eps)
         s = starts[torch.randint(len(starts), (2048,))]
-        t = s + torch.randint(min(args.episode_length, 32), (2048,))
+        t = s + torch.randint(32, (2048,))
         goal_e = model.embed(goal[None])
         e_t, e_s = (model.embed(to_float(data["obs"][i.to(device)])) for i in (t, s))
         energy = model.energy(e_t, e_s, goal_e.expand_as(e_t))
@@ -919,6 +921,19 @@ class Replay:
 # ----------------------------------------------------------------------------------------------------
 # Imagined rollouts in the global model
 # ----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def play_context(data, rssm, first, n, sample=True):
+    """The n-frame play windows that start at indices `first` (B,): float frames (B, n, 3, S, S), the n - 1 actions
+    between them, and the RSSM state filtered over them (the posterior at the last frame)."""
+    idx = first[:, None] + torch.arange(n, device=first.device)
+    frames, actions = to_float(data["obs"][idx]), data["action"][idx]
+    is_first = torch.zeros(idx.shape, dtype=torch.bool, device=first.device)
+    is_first[:, 0] = True
+    into = torch.cat([torch.zeros_like(actions[:, :1]), actions[:, :-1]], 1)
+    post, _ = rssm.observe(rssm.encode(frames / 2), into, is_first, sample=sample)
+    return frames, actions[:, :-1], {k: v[:, -1] for k, v in post.items()}
+
+
 class Rollouts:
     """The num_envs rollouts of DMO-SAPO. Each starts from a `context`-frame window of play data (the RSSM
     filters the window), continues across horizons, and restarts after `episode_length` steps."""
@@ -937,16 +952,11 @@ class Rollouts:
 
     @torch.no_grad()
     def reset(self, mask):
-        n, data = self.args.wm_context, self.data
-        idx = (self.starts[torch.randint(len(self.starts), (int(mask.sum()),))][:, None] + torch.arange(n)).to(mask.device)
-        frames, actions = to_float(data["obs"][idx]), data["action"][idx]
-        is_first = torch.zeros(idx.shape, dtype=torch.bool, device=mask.device)
-        is_first[:, 0] = True
-        into = torch.cat([torch.zeros_like(actions[:, :1]), actions[:, :-1]], 1)
-        post, _ = self.rssm.observe(self.rssm.encode(frames / 2), into, is_first)
+        first = self.starts[torch.randint(len(self.starts), (int(mask.sum()),))].to(mask.device)
+        frames, actions, state = play_context(self.data, self.rssm, first, self.args.wm_context)
         for k in self.state:
-            self.state[k][mask] = post[k][:, -1]
-        self.frames[mask], self.actions[mask] = frames, actions[:, :-1]
+            self.state[k][mask] = state[k]
+        self.frames[mask], self.actions[mask] = frames, actions
         e = self.reward_model.embed(frames[:, -1])
         self.start_e[mask] = e
         self.reward[mask] = self.reward_model.reward(e, e, self.goal_e.expand_as(e))

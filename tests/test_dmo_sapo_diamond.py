@@ -211,6 +211,26 @@ def test_rssm_step_weights_the_foreground_pixels():
     assert stub.weight is None
 
 
+def test_play_context_filters_the_window_it_returns(play_data):
+    # the windows every imagined rollout starts from: the frames and the actions between them as recorded, and
+    # the RSSM posterior at the last frame of the window (observe from a fresh state, zero action into frame 0)
+    args = dmo.Args(**{**dmo.PRESETS["tiny"], "data_path": play_data})
+    data = dmo.load_play_data(args, torch.device("cpu"))
+    cfg = dmo.RSSMConfig.preset("tiny", obs_shape=(3, 32, 32), action_dim=2)
+    torch.manual_seed(0)
+    rssm = dmo.RSSM(cfg).eval()
+    first = dmo.window_starts(data, 4)[torch.tensor([0, 7, 100])]
+    frames, actions, state = dmo.play_context(data, rssm, first, 4, sample=False)
+    assert torch.equal(frames[1], dmo.to_float(data["obs"][first[1]:first[1] + 4]))
+    assert torch.equal(actions[2], data["action"][first[2]:first[2] + 3])
+    into = torch.cat([torch.zeros(1, 2), data["action"][first[2]:first[2] + 3]])[None]
+    is_first = torch.tensor([[True, False, False, False]])
+    post, _ = rssm.observe(rssm.encode(frames[2:3] / 2), into, is_first, sample=False)
+    assert torch.allclose(state["deter"][2], post["deter"][0, -1]) and torch.equal(state["stoch"][2], post["stoch"][0, -1])
+    other = {**{k: v for k, v in data.items()}, "obs": data["obs"].flip(0)}
+    assert not torch.allclose(dmo.play_context(other, rssm, first, 4, sample=False)[2]["deter"], state["deter"])
+
+
 def test_exploitation_check_replays_the_actions_in_order():
     # DIAMOND stubs: an oracle that returns the true next frame (it also checks that it is conditioned on the
     # right frames and actions) scores exactly as the real frames; one that always dreams the goal scores r(goal)
