@@ -986,6 +986,7 @@ def evaluate(args, rssm, actor, episodes, seed, device, record=0, keep=0):
     is_first = torch.ones(episodes, dtype=torch.bool, device=device)
     alive, returns = [True] * episodes, np.zeros(episodes)
     coverage, success = np.zeros(episodes), np.zeros(episodes, bool)
+    block_distance, contact_steps, steps = np.zeros(episodes), np.zeros(episodes), np.zeros(episodes)
     videos = [[sims[i].unwrapped.render()] for i in range(min(record, episodes))]
     kept_frames, kept_actions = [], []
     while any(alive):
@@ -1002,11 +1003,15 @@ def evaluate(args, rssm, actor, episodes, seed, device, record=0, keep=0):
             obs[i], reward, terminated, truncated, info = sim.step(action[i].cpu().numpy())
             returns[i] += reward
             coverage[i], success[i] = info["coverage"], info["is_success"]
+            block_distance[i] = envs.pusht_block_distance(info["state"])
+            contact_steps[i] += info["contact"]
+            steps[i] += 1
             alive[i] = not (terminated or truncated)
             if i < len(videos):
                 videos[i].append(sim.unwrapped.render())
     metrics = {"episodes": episodes, "successes": int(success.sum()), "success_rate": float(success.mean()),
-               "mean_return": float(returns.mean()), "mean_coverage": float(coverage.mean())}
+               "mean_return": float(returns.mean()), "mean_coverage": float(coverage.mean()),
+               "mean_block_distance": float(block_distance.mean()), "contact_fraction": float((contact_steps / steps).mean())}
     trajectory = (torch.stack(kept_frames, 1), torch.stack(kept_actions, 1)) if keep else None
     return metrics, videos, trajectory
 
@@ -1216,9 +1221,10 @@ def dmo_sapo(args, data, denoiser, reward_model, goal_e, rssm, rssm_opt, device,
         progress(epoch, reward=mean_r, alpha=alpha.item(), entropy=entropy.item(), SPS=sps)
         if args.eval_every and (epoch + 1) % args.eval_every == 0 and epoch + 1 < args.epochs:
             metrics, _, _ = evaluate(args, rssm, actor, args.eval_quick_episodes, args.eval_seed, device)
-            for k in ("success_rate", "mean_coverage", "mean_return"):
+            for k in ("success_rate", "mean_coverage", "mean_return", "mean_block_distance", "contact_fraction"):
                 writer.add_scalar(f"eval/{k}", metrics[k], global_step)
-            print(f"[eval] epoch {epoch + 1}: success {metrics['success_rate']:.2f}, coverage {metrics['mean_coverage']:.3f}")
+            print(f"[eval] epoch {epoch + 1}: success {metrics['success_rate']:.2f}, coverage {metrics['mean_coverage']:.3f}, "
+                  f"T {metrics['mean_block_distance']:.0f} px from target, tool on the T {metrics['contact_fraction']:.2f}")
             if args.save_model:
                 save_agent(epoch + 1)
     if args.save_model:
@@ -1333,7 +1339,7 @@ def run(args):
         envs.write_video(os.path.join(run_dir, "imagined_vs_real_final.mp4"), video)
         writer.add_scalar("rssm/open_loop_mse", errors["rssm"], global_step)
     result = {"env_id": args.env_id, **metrics, "global_step": global_step, "wall_time_s": wall_time()}
-    for k in ("success_rate", "mean_coverage", "mean_return"):
+    for k in ("success_rate", "mean_coverage", "mean_return", "mean_block_distance", "contact_fraction"):
         writer.add_scalar(f"eval/{k}", metrics[k], global_step)
     with open(os.path.join(run_dir, "eval.json"), "w") as f:
         json.dump(result, f, indent=1)

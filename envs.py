@@ -141,6 +141,12 @@ class PushTEnv(gym.Env):
         return self._render_frame(256)
 
 
+def pusht_block_distance(state) -> float:
+    """Distance (px of the 512 px workspace) of the T's position from its target: progress that coverage, which
+    stays 0 until the T overlaps its target, does not show."""
+    return float(np.linalg.norm(np.asarray(state[2:4], dtype=np.float64) - PushTEnv.goal_pose[:2]))
+
+
 def pusht_goal_image(size: int = 64, agent_xy=(256.0, 400.0)) -> np.ndarray:
     """The goal frame for the contrastive reward: the T at its target pose, the tool at `agent_xy`."""
     env = PushTEnv(obs_size=size)

@@ -314,6 +314,7 @@ def evaluate(args, agent, episodes, seed, device, record=0):
     sim = Simulator(args, episodes, seed, device)
     alive, returns = np.ones(episodes, bool), np.zeros(episodes)
     coverage, success = np.zeros(episodes), np.zeros(episodes, bool)
+    block_distance, contact_steps, steps = np.zeros(episodes), np.zeros(episodes), np.zeros(episodes)
     videos = [[sim.sims[i].unwrapped.render()] for i in range(min(record, episodes))]
     obs = sim.obs
     while alive.any():
@@ -321,11 +322,15 @@ def evaluate(args, agent, episodes, seed, device, record=0):
         for i in np.flatnonzero(alive):  # ended episodes restart in Simulator; only the first counts
             returns[i] += reward[i].item()
             coverage[i], success[i] = sim.infos[i]["coverage"], sim.infos[i]["is_success"]
+            block_distance[i] = envs.pusht_block_distance(sim.infos[i]["state"])
+            contact_steps[i] += sim.infos[i]["contact"]
+            steps[i] += 1
             alive[i] = not (terminated[i] or truncated[i])
             if i < len(videos) and alive[i]:
                 videos[i].append(sim.sims[i].unwrapped.render())
     metrics = {"episodes": episodes, "successes": int(success.sum()), "success_rate": float(success.mean()),
-               "mean_return": float(returns.mean()), "mean_coverage": float(coverage.mean())}
+               "mean_return": float(returns.mean()), "mean_coverage": float(coverage.mean()),
+               "mean_block_distance": float(block_distance.mean()), "contact_fraction": float((contact_steps / steps).mean())}
     return metrics, videos
 
 
@@ -498,7 +503,7 @@ def run(args):
     for i, frames in enumerate(videos):
         envs.write_video(os.path.join(run_dir, f"eval_episode_{i}.mp4"), frames, scale=1)
     result = {"env_id": args.env_id, **metrics, "global_step": global_step, "wall_time_s": dmo.wall_time()}
-    for k in ("success_rate", "mean_coverage", "mean_return"):
+    for k in ("success_rate", "mean_coverage", "mean_return", "mean_block_distance", "contact_fraction"):
         writer.add_scalar(f"eval/{k}", metrics[k], global_step)
     with open(os.path.join(run_dir, "eval.json"), "w") as f:
         json.dump(result, f, indent=1)

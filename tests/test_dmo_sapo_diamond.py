@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -231,6 +232,25 @@ def test_play_context_filters_the_window_it_returns(play_data):
     assert not torch.allclose(dmo.play_context(other, rssm, first, 4, sample=False)[2]["deter"], state["deter"])
 
 
+def test_evaluate_reports_how_far_the_t_is_and_how_often_the_tool_touches_it():
+    args = dmo.Args(**dmo.PRESETS["tiny"])
+    rssm = dmo.RSSM(dmo.RSSMConfig.preset("tiny", obs_shape=(3, 32, 32), action_dim=2)).eval()
+    still = lambda feat, deterministic=True: (torch.zeros(len(feat), 2), None)  # the T never moves
+    metrics, _, _ = dmo.evaluate(args, rssm, still, 3, args.eval_seed, torch.device("cpu"))
+    distance, contact = [], []
+    for i in range(3):  # the same episodes by hand: final distance of the T, share of steps the tool touches it
+        env = gym.make(args.env_id, obs_size=args.img_size)
+        env.reset(seed=args.eval_seed + i)
+        infos = [env.step(np.zeros(2, np.float32))[4] for _ in range(200)]
+        distance.append(envs.pusht_block_distance(infos[-1]["state"]))
+        contact.append(np.mean([info["contact"] for info in infos]))
+    assert metrics["mean_block_distance"] == pytest.approx(np.mean(distance), abs=1e-3)
+    assert metrics["contact_fraction"] == pytest.approx(np.mean(contact))
+    pushing = lambda feat, deterministic=True: (torch.tensor([[0.0, 1.0]]).expand(len(feat), 2), None)  # sweeps down
+    moved, _, _ = dmo.evaluate(args, rssm, pushing, 3, args.eval_seed, torch.device("cpu"))
+    assert moved["mean_block_distance"] != pytest.approx(metrics["mean_block_distance"], abs=1e-3)
+
+
 def test_exploitation_check_replays_the_actions_in_order():
     # DIAMOND stubs: an oracle that returns the true next frame (it also checks that it is conditioned on the
     # right frames and actions) scores exactly as the real frames; one that always dreams the goal scores r(goal)
@@ -274,7 +294,7 @@ def test_tiny_preset_runs_the_pipeline(play_data, tmp_path):
     (run_dir,) = tmp_path.iterdir()
     result = json.loads((run_dir / "eval.json").read_text())
     for key in ("env_id", "episodes", "successes", "success_rate", "mean_return", "global_step", "wall_time_s",
-                "mean_coverage"):
+                "mean_coverage", "mean_block_distance", "contact_fraction"):
         assert key in result
     assert result["episodes"] == 2 and result["global_step"] == 4 * 8 * 8 and 0 <= result["mean_coverage"] <= 1
     check = result["world_model_check"]  # the policy's actions replayed in DIAMOND, on both evaluation episodes
