@@ -7,7 +7,7 @@
    progress with which play windows the rollouts happened to start from, this does not.
 2. in the simulator: `episodes` episodes from the evaluation seeds (the script's protocol); mean r on the real
    frames of the first `steps` steps (s_start = frame wm_context - 1, as the exploitation check), and the final
-   coverage and successes of the whole episode.
+   coverage, successes and distance of the T from its target, and the share of steps with the tool on the T.
 
 A policy that learned r scores above both references on r in DIAMOND and on real frames; if its coverage is not
 above theirs too, r does not ask for the task.
@@ -106,15 +106,16 @@ def in_simulator(args, reward_model, goal_e, rssm, policy, a):
     e = reward_model.embed(frames[:, n:])
     e_start = reward_model.embed(frames[:, n - 1])[:, None].expand_as(e)
     r = reward_model.reward(e, e_start, goal_e.expand_as(e))
-    return r.mean().item(), metrics["mean_coverage"], metrics["successes"]
+    return r.mean().item(), metrics
 
 
 def main(a):
     print(f"from {a.windows} play windows, {a.steps} steps; evaluation: {a.episodes} episodes, r on the first "
           f"{a.steps} frames")
     print("| run | policy | play windows, DIAMOND: r/step, all / last 16 steps | play windows, simulator: the same "
-          "| evaluation: r/step | evaluation: final coverage | successes |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+          "| evaluation: r/step | final coverage | successes | final T distance from target (px) "
+          "| steps with the tool on the T |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for run in a.runs:
         if not os.path.exists(os.path.join(run, "agent.pt")):
             raise SystemExit(f"error: {run} has no agent.pt; pass dmo_sapo_diamond.py run folders")
@@ -126,10 +127,11 @@ def main(a):
         for name, policy in (("trained", actor), ("zero actions", Reference("zero", a.seed)),
                              ("random actions", Reference("random", a.seed))):
             windows = from_play_windows(args, data, denoiser, reward_model, goal_e, rssm, policy, a)
-            r_real, coverage, successes = in_simulator(args, reward_model, goal_e, rssm, policy, a)
+            r_real, m = in_simulator(args, reward_model, goal_e, rssm, policy, a)
             cells = " | ".join(f"{x:.3f} / {y:.3f}" for x, y in windows.values())
-            print(f"| {os.path.basename(run.rstrip('/'))} | {name} | {cells} | {r_real:.3f} | {coverage:.3f} "
-                  f"| {successes} / {a.episodes} |", flush=True)
+            print(f"| {os.path.basename(run.rstrip('/'))} | {name} | {cells} | {r_real:.3f} | {m['mean_coverage']:.3f} "
+                  f"| {m['successes']} / {a.episodes} | {m['mean_block_distance']:.1f} | {m['contact_fraction']:.3f} |",
+                  flush=True)
 
 
 if __name__ == "__main__":
