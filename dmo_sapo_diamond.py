@@ -59,7 +59,8 @@ class Args:
     runs_dir: str = "runs"
     """where run directories are created"""
     resume: Optional[str] = None
-    """a run directory to continue: finished stages are loaded, the interrupted one continues from its checkpoint"""
+    """a run directory to continue: finished stages are loaded, the interrupted one continues from its checkpoint
+    (so does the run's finished RSSM when --rssm-pretrain-steps asks for more)"""
     stop_after: Optional[Literal["world_model", "reward_model", "rssm"]] = None
     """stop after this stage (its checkpoint is written); continue later with --resume"""
 
@@ -844,10 +845,10 @@ def pretrain_rssm(args, data, reward_model, goal_e, device, writer, run_dir):
         ckpt = load_checkpoint(path, "rssm", args, restore_rng=args.rssm_checkpoint is None)
         rssm.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        if ckpt["done"]:
+        if ckpt["done"] and (args.rssm_checkpoint or ckpt["step"] >= args.rssm_pretrain_steps):
             print(f"RSSM: loaded {path}")
             return rssm, opt
-        step = ckpt["step"]
+        step = ckpt["step"]  # interrupted, or this run's own asked to train longer (--rssm-pretrain-steps)
     elif args.rssm_checkpoint:
         raise RunError(f"{path}: no such RSSM checkpoint")
     print(f"RSSM: pretraining ({args.rssm_size}) on the play data for {args.rssm_pretrain_steps} steps")

@@ -336,6 +336,11 @@ def test_killed_run_resumes_from_its_checkpoints(play_data, tmp_path):
     assert (run_dir / "world_model.pt").read_bytes() == before, "a finished stage is not trained again"
     assert json.loads((run_dir / "eval.json").read_text())["global_step"] == 256
     assert not list(tmp_path.glob("*/*.tmp"))
+    # the run's finished RSSM trains on from its last step when asked for more (README: a longer-trained RSSM)
+    r = run_script("--resume", str(run_dir), "--rssm-pretrain-steps", "30", "--stop-after", "rssm")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "[rssm] step 21/30" in r.stdout and "[rssm] step 1/" not in r.stdout
+    assert torch.load(run_dir / "rssm.pt", map_location="cpu", weights_only=False)["step"] == 30
 
 
 def test_bad_data_file_is_a_one_line_error(tmp_path):
