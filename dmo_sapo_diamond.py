@@ -60,7 +60,7 @@ class Args:
     """where run directories are created"""
     resume: Optional[str] = None
     """a run directory to continue: finished stages are loaded, the interrupted one continues from its checkpoint
-    (so does the run's finished RSSM when --rssm-pretrain-steps asks for more)"""
+    (so does the run's finished RSSM when --rssm-pretrain-steps asks for more and no agent.pt was trained on it)"""
     stop_after: Optional[Literal["world_model", "reward_model", "rssm"]] = None
     """stop after this stage (its checkpoint is written); continue later with --resume"""
 
@@ -1267,6 +1267,11 @@ def run(args):
     if args.resume:
         run_dir = args.resume
         args.run_name = os.path.basename(os.path.normpath(run_dir))
+        with open(os.path.join(run_dir, "args.json")) as f:
+            trained_steps = json.load(f)["rssm_pretrain_steps"]
+        if args.rssm_pretrain_steps > trained_steps and os.path.exists(os.path.join(run_dir, "agent.pt")):
+            raise RunError(f"{run_dir}/agent.pt was trained on the RSSM of {trained_steps} steps: to train the RSSM "
+                           f"longer, resume a copy of the run without agent.pt")
         if os.path.exists(os.path.join(run_dir, "wall_time_s.txt")):
             with open(os.path.join(run_dir, "wall_time_s.txt")) as f:
                 CLOCK["before"] = float(f.read())

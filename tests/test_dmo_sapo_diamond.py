@@ -336,7 +336,15 @@ def test_killed_run_resumes_from_its_checkpoints(play_data, tmp_path):
     assert (run_dir / "world_model.pt").read_bytes() == before, "a finished stage is not trained again"
     assert json.loads((run_dir / "eval.json").read_text())["global_step"] == 256
     assert not list(tmp_path.glob("*/*.tmp"))
-    # the run's finished RSSM trains on from its last step when asked for more (README: a longer-trained RSSM)
+    # the run's finished RSSM trains on from its last step when asked for more (README: a longer-trained RSSM),
+    # but not under a policy trained on it: that is a one-line error, and nothing is lost
+    agent = (run_dir / "agent.pt").read_bytes()
+    args_json = (run_dir / "args.json").read_text()
+    r = run_script("--resume", str(run_dir), "--rssm-pretrain-steps", "30", "--stop-after", "rssm", timeout=60)
+    assert r.returncode == 1 and "agent.pt was trained on the RSSM of 20 steps" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and (run_dir / "agent.pt").read_bytes() == agent
+    assert (run_dir / "args.json").read_text() == args_json
+    (run_dir / "agent.pt").unlink()
     r = run_script("--resume", str(run_dir), "--rssm-pretrain-steps", "30", "--stop-after", "rssm")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "[rssm] step 21/30" in r.stdout and "[rssm] step 1/" not in r.stdout
