@@ -1272,6 +1272,12 @@ def run(args):
         if args.rssm_pretrain_steps > trained_steps and os.path.exists(os.path.join(run_dir, "agent.pt")):
             raise RunError(f"{run_dir}/agent.pt was trained on the RSSM of {trained_steps} steps: to train the RSSM "
                            f"longer, resume a copy of the run without agent.pt")
+        given = {"world_model": args.wm_checkpoint, "reward_model": args.reward_checkpoint,
+                 "rssm": args.rssm_checkpoint, "agent": None}
+        for kind, checkpoint in given.items():  # a flag the run's checkpoints refuse fails before args.json changes
+            path = os.path.join(run_dir, f"{kind}.pt")
+            if checkpoint is None and os.path.exists(path):
+                load_checkpoint(path, kind, args)
         if os.path.exists(os.path.join(run_dir, "wall_time_s.txt")):
             with open(os.path.join(run_dir, "wall_time_s.txt")) as f:
                 CLOCK["before"] = float(f.read())

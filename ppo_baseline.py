@@ -487,6 +487,8 @@ def run(args):
     else:
         env = Simulator(args, args.num_envs, args.seed, device)
 
+    if args.resume and os.path.exists(os.path.join(run_dir, "agent.pt")):  # refuse changed flags before args.json
+        dmo.load_checkpoint(os.path.join(run_dir, "agent.pt"), "ppo_agent", args)
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "args.json"), "w") as f:
         json.dump({k: v for k, v in dataclasses.asdict(args).items() if k != "resume"}, f, indent=1)

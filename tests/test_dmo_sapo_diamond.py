@@ -344,6 +344,10 @@ def test_killed_run_resumes_from_its_checkpoints(play_data, tmp_path):
     assert r.returncode == 1 and "agent.pt was trained on the RSSM of 20 steps" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and (run_dir / "agent.pt").read_bytes() == agent
     assert (run_dir / "args.json").read_text() == args_json
+    # a flag the run's checkpoints refuse fails before args.json is rewritten, so the run still resumes as it was
+    r = run_script("--resume", str(run_dir), "--wm-channels", "16", "16", "--stop-after", "rssm", timeout=60)
+    assert r.returncode == 1 and "world_model.pt: checkpoint has wm_channels=" in r.stderr, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1 and (run_dir / "args.json").read_text() == args_json
     (run_dir / "agent.pt").unlink()
     r = run_script("--resume", str(run_dir), "--rssm-pretrain-steps", "30", "--stop-after", "rssm")
     assert r.returncode == 0, r.stderr[-2000:]

@@ -109,6 +109,11 @@ def test_tiny_preset_in_the_simulator_and_resume(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     (run_dir,) = tmp_path.iterdir()
     assert json.loads((run_dir / "eval.json").read_text())["global_step"] == 32
+    args_json = (run_dir / "args.json").read_text()
+    r = subprocess.run([sys.executable, "ppo_baseline.py", "--resume", str(run_dir), "--hidden", "16"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)  # agent.pt refuses it; args.json is kept
+    assert r.returncode == 1 and "checkpoint has hidden=[32], this run has hidden=[16]" in r.stderr, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1 and (run_dir / "args.json").read_text() == args_json
     r = subprocess.run([sys.executable, "ppo_baseline.py", "--resume", str(run_dir), "--total-timesteps", "64"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)  # continue the run for a second iteration
     assert r.returncode == 0 and "resuming" in r.stdout and "at iteration 1" in r.stdout, r.stderr[-2000:]
