@@ -1274,10 +1274,9 @@ def run(args):
                            f"longer, resume a copy of the run without agent.pt")
         given = {"world_model": args.wm_checkpoint, "reward_model": args.reward_checkpoint,
                  "rssm": args.rssm_checkpoint, "agent": None}
-        for kind, checkpoint in given.items():  # a flag the run's checkpoints refuse fails before args.json changes
-            path = os.path.join(run_dir, f"{kind}.pt")
-            if checkpoint is None and os.path.exists(path):
-                load_checkpoint(path, kind, args)
+        for kind, checkpoint in given.items():  # a flag the checkpoints refuse fails before args.json changes
+            if checkpoint or os.path.exists(os.path.join(run_dir, f"{kind}.pt")):
+                load_checkpoint(checkpoint or os.path.join(run_dir, f"{kind}.pt"), kind, args)
         if os.path.exists(os.path.join(run_dir, "wall_time_s.txt")):
             with open(os.path.join(run_dir, "wall_time_s.txt")) as f:
                 CLOCK["before"] = float(f.read())

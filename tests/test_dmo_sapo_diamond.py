@@ -348,6 +348,9 @@ def test_killed_run_resumes_from_its_checkpoints(play_data, tmp_path):
     r = run_script("--resume", str(run_dir), "--wm-channels", "16", "16", "--stop-after", "rssm", timeout=60)
     assert r.returncode == 1 and "world_model.pt: checkpoint has wm_channels=" in r.stderr, r.stderr[-2000:]
     assert len(r.stderr.strip().splitlines()) == 1 and (run_dir / "args.json").read_text() == args_json
+    r = run_script("--resume", str(run_dir), "--wm-checkpoint", str(tmp_path / "missing.pt"), timeout=60)
+    assert r.returncode == 1 and "missing.pt: cannot read checkpoint" in r.stderr, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1 and (run_dir / "args.json").read_text() == args_json
     (run_dir / "agent.pt").unlink()
     r = run_script("--resume", str(run_dir), "--rssm-pretrain-steps", "30", "--stop-after", "rssm")
     assert r.returncode == 0, r.stderr[-2000:]
