@@ -66,6 +66,20 @@ class Reference(nn.Module):
         return torch.rand(n, 2, generator=self.generator) * 2 - 1
 
 
+class Recorder:
+    """An agent for ppo_baseline.evaluate, which calls agent.act(frame stack): acts with `act` and keeps the newest
+    frame of the first `steps` calls."""
+
+    def __init__(self, act, steps):
+        self.policy, self.steps, self.frames = act, steps, []
+
+    def act(self, obs):
+        frames = dmo.to_float(obs)
+        if len(self.frames) < self.steps:
+            self.frames.append(frames[:, -1])
+        return self.policy(frames, None)
+
+
 class Subject:
     """What the check needs of a run, whichever script trained it: the world model (denoiser, context, sampler
     steps), r and the goal's embedding, the play data, the RSSM (DMO only, else None), the trained policy
@@ -109,16 +123,6 @@ class Subject:
         agent = ppo.Agent(args.img_size, args.frame_stack, args.cnn_channels, args.hidden).eval()
         agent.load_state_dict(dmo.load_checkpoint(os.path.join(run, "agent.pt"), "ppo_agent")["agent"])
         self.act = lambda frames, feat: agent.act(dmo.to_uint8(frames[:, -args.frame_stack:]))
-
-        class Recorder:  # ppo.evaluate calls agent.act(frame stack); keep the newest frame of the first `steps`
-            def __init__(self, act, steps):
-                self.act_, self.steps, self.frames = act, steps, []
-
-            def act(self, obs):
-                frames = dmo.to_float(obs)
-                if len(self.frames) < self.steps:
-                    self.frames.append(frames[:, -1])
-                return self.act_(frames, None)
 
         def evaluate(act, episodes, steps):
             recorder = Recorder(act, steps)
