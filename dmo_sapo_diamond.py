@@ -185,6 +185,16 @@ class Args:
     hidden: list[int] = field(default_factory=lambda: [256, 128, 64])
     """actor and critic MLP sizes (Table 4)"""
 
+    # Exploit patching (seed 000 §3): the policy runs on the robot, DIAMOND is fine-tuned on what it saw
+    patch_every: int = 0
+    """every this many DMO epochs (0: never), run the policy in the simulator and fine-tune DIAMOND on its frames"""
+    patch_episodes: int = 64
+    """simulator episodes per patch, with sampled actions (seeds from 2,000,000: disjoint from play and evaluation)"""
+    patch_steps: int = 64
+    """steps of each patch episode"""
+    patch_wm_steps: int = 1000
+    """DIAMOND fine-tuning steps per patch; half of each batch from the patch frames, half from the play data"""
+
     # Evaluation in the simulator
     eval_episodes: int = 50
     """final zero-shot evaluation episodes"""
@@ -280,6 +290,21 @@ def window_starts(data, length, episodes=None):
     if episodes is not None:
         ok &= torch.isin(ep, torch.as_tensor(episodes))
     return torch.nonzero(ok).squeeze(1)
+
+
+def concat_data(a, b):
+    """Two sets of play-data tensors as one (b's episodes after a's)."""
+    out = {k: torch.cat([a[k], b[k]]) for k in ("obs", "action", "is_first")}
+    out["episode"] = torch.cumsum(out["is_first"].long(), 0) - 1
+    out["state"] = None
+    return out
+
+
+def sample_windows(data, starts, n, length):
+    """n random windows of `length` frames from `starts`: float frames (n, length, 3, S, S), actions (n, length, A)."""
+    idx = starts[torch.randint(len(starts), (n,))][:, None] + torch.arange(length)
+    idx = idx.to(data["obs"].device)
+    return to_float(data["obs"][idx]), data["action"][idx]
 
 
 def to_float(frames):
@@ -646,8 +671,7 @@ def train_world_model(args, data, device, writer, run_dir):
     save = lambda done: save_checkpoint(path, "world_model", args, model=denoiser.state_dict(), done=done,
                                         optimizer=opt.state_dict(), scheduler=sched.state_dict(), step=step)
     while step < args.wm_steps:
-        idx = starts[torch.randint(len(starts), (args.wm_batch_size,))][:, None] + torch.arange(length)
-        loss = denoiser.loss(to_float(data["obs"][idx.to(device)]), data["action"][idx.to(device)])
+        loss = denoiser.loss(*sample_windows(data, starts, args.wm_batch_size, length))
         check_finite("world-model loss", loss.item(), step, path)
         opt.zero_grad()
         loss.backward()
@@ -977,27 +1001,30 @@ class Rollouts:
 # Zero-shot deployment in the simulator
 # ----------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(args, rssm, actor, episodes, seed, device, record=0, keep=0):
-    """Run the policy (RSSM filter on real frames, mean action) for `episodes` episodes on seeds seed, seed+1, ...
-    Returns metrics, the top-down frames of the first `record` episodes, and the first `keep` model-size frames
-    (episodes, keep, 3, S, S) and actions of every episode (actions[:, t] is taken after frames[:, t])."""
+def evaluate(args, rssm, actor, episodes, seed, device, record=0, keep=0, steps=None, sample=False):
+    """Run the policy (RSSM filter on real frames, mean action; sampled actions with `sample`) for `episodes`
+    episodes on seeds seed, seed+1, ..., each until it ends or for at most `steps` steps. Returns metrics, the
+    top-down frames of the first `record` episodes, and the first `keep` model-size frames (episodes, keep, 3, S, S)
+    and actions of every episode (actions[:, t] is taken after frames[:, t]) with a mask of the steps before the
+    episode ended (an episode that succeeds ends; its later kept frames repeat its last one)."""
     sims = [gym.make(args.env_id, obs_size=args.img_size) for _ in range(episodes)]
     obs = [sim.reset(seed=seed + i)[0] for i, sim in enumerate(sims)]
     state, action = rssm.initial(episodes), torch.zeros(episodes, 2, device=device)
     is_first = torch.ones(episodes, dtype=torch.bool, device=device)
     alive, returns = [True] * episodes, np.zeros(episodes)
     coverage, success = np.zeros(episodes), np.zeros(episodes, bool)
-    block_distance, contact_steps, steps = np.zeros(episodes), np.zeros(episodes), np.zeros(episodes)
+    block_distance, contact_steps, length = np.zeros(episodes), np.zeros(episodes), np.zeros(episodes)
     videos = [[sims[i].unwrapped.render()] for i in range(min(record, episodes))]
-    kept_frames, kept_actions = [], []
+    kept_frames, kept_actions, kept_alive = [], [], []
     while any(alive):
         frames = to_float(torch.as_tensor(np.stack(obs), device=device).permute(0, 3, 1, 2))
         state, _ = rssm.obs_step(state, action, rssm.encode(frames / 2), is_first, sample=False)
-        action, _ = actor(rssm.feat(state), deterministic=True)
+        action, _ = actor(rssm.feat(state), deterministic=not sample)
         is_first[:] = False
         if len(kept_frames) < keep:
             kept_frames.append(frames)
             kept_actions.append(action)
+            kept_alive.append(torch.tensor(alive))
         for i, sim in enumerate(sims):
             if not alive[i]:
                 continue
@@ -1006,14 +1033,14 @@ def evaluate(args, rssm, actor, episodes, seed, device, record=0, keep=0):
             coverage[i], success[i] = info["coverage"], info["is_success"]
             block_distance[i] = envs.pusht_block_distance(info["state"])
             contact_steps[i] += info["contact"]
-            steps[i] += 1
-            alive[i] = not (terminated or truncated)
+            length[i] += 1
+            alive[i] = not (terminated or truncated or length[i] == steps)
             if i < len(videos):
                 videos[i].append(sim.unwrapped.render())
     metrics = {"episodes": episodes, "successes": int(success.sum()), "success_rate": float(success.mean()),
                "mean_return": float(returns.mean()), "mean_coverage": float(coverage.mean()),
-               "mean_block_distance": float(block_distance.mean()), "contact_fraction": float((contact_steps / steps).mean())}
-    trajectory = (torch.stack(kept_frames, 1), torch.stack(kept_actions, 1)) if keep else None
+               "mean_block_distance": float(block_distance.mean()), "contact_fraction": float((contact_steps / length).mean())}
+    trajectory = (torch.stack(kept_frames, 1), torch.stack(kept_actions, 1), torch.stack(kept_alive, 1)) if keep else None
     return metrics, videos, trajectory
 
 
@@ -1081,6 +1108,82 @@ def imagined_vs_real(args, data, denoiser, rssm, steps=16):
     errors = {"diamond": (dreamed - target).pow(2).mean().item(), "rssm": (latent - target).pow(2).mean().item()}
     video = torch.cat([target, dreamed, latent], -1)[0]  # (steps, 3, S, 3 S)
     return to_uint8(video).permute(0, 2, 3, 1).cpu().numpy(), errors
+
+
+# ----------------------------------------------------------------------------------------------------
+# Exploit patching (seed 000 §3): deploy the exploiting policy, fine-tune the global model on its data
+# ----------------------------------------------------------------------------------------------------
+PATCH_SEED = 2_000_000  # first simulator seed of the patch episodes
+
+
+def episodes_to_data(frames, actions, alive):
+    """Kept episodes of `evaluate` (E, T, 3, S, S) in [-1, 1] -> play-data tensors of their frames before each ended."""
+    is_first = torch.zeros_like(alive)
+    is_first[:, 0] = True
+    keep = alive.flatten().to(frames.device)
+    data = {"obs": to_uint8(frames.flatten(0, 1)[keep]), "action": actions.flatten(0, 1)[keep],
+            "is_first": is_first.flatten().to(frames.device)[keep]}
+    data["episode"], data["state"] = torch.cumsum(data["is_first"].long(), 0) - 1, None
+    return data
+
+
+@torch.no_grad()
+def probe_loss(denoiser, data, starts, length, n=256, seed=0):
+    """DIAMOND's training loss on the first n windows of `starts`, with fixed noise: comparable before and after."""
+    idx = starts[:n].to(data["obs"].device)[:, None] + torch.arange(length, device=data["obs"].device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return denoiser.loss(to_float(data["obs"][idx]), data["action"][idx]).item()
+
+
+def patch_world_model(args, denoiser, data, patch, rssm, actor, patches, device, writer, global_step, run_dir):
+    """Patch number `patches`: run the policy in the simulator (the robot) with sampled actions, as in imagination,
+    for patch_episodes x patch_steps steps, add the frames to the patch data, and fine-tune DIAMOND on them and the
+    play data. A policy that learned a flaw of DIAMOND steers into it, so its own frames are where DIAMOND is wrong.
+    Returns the patch data so far; saves it (patch_data.npz) and the patched model (world_model_patched.pt)."""
+    seed = PATCH_SEED + (patches - 1) * args.patch_episodes
+    metrics, _, (frames, actions, alive) = evaluate(args, rssm, actor, args.patch_episodes, seed, device,
+                                                    keep=args.patch_steps, steps=args.patch_steps, sample=True)
+    new = episodes_to_data(frames, actions, alive)
+    patch = new if patch is None else concat_data(patch, new)
+    length = args.wm_context + 1 + args.wm_ar_steps
+    play_starts, patch_starts = window_starts(data, length), window_starts(patch, length)
+    new_starts = patch_starts[patch_starts >= len(patch["obs"]) - len(new["obs"])]
+    before = probe_loss(denoiser, patch, new_starts, length), probe_loss(denoiser, data, play_starts, length)
+
+    denoiser.train().requires_grad_(True)
+    opt = torch.optim.AdamW(denoiser.parameters(), lr=args.wm_lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 100))
+    half = args.wm_batch_size // 2
+    progress = Progress(f"patch {patches}", args.patch_wm_steps)
+    for step in range(args.patch_wm_steps):
+        (f1, a1), (f2, a2) = (sample_windows(d, st, n, length) for d, st, n in
+                              [(patch, patch_starts, half), (data, play_starts, args.wm_batch_size - half)])
+        loss = denoiser.loss(torch.cat([f1, f2]), torch.cat([a1, a2]))
+        check_finite("world-model patch loss", loss.item(), step, os.path.join(run_dir, "agent.pt"))
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(denoiser.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        progress(step, loss=loss.item())
+    denoiser.eval().requires_grad_(False)
+
+    after = probe_loss(denoiser, patch, new_starts, length), probe_loss(denoiser, data, play_starts, length)
+    for k, v in {"coverage": metrics["mean_coverage"], "contact_fraction": metrics["contact_fraction"],
+                 "frames": len(patch["obs"]), "wm_loss_before": before[0], "wm_loss_after": after[0],
+                 "play_loss_before": before[1], "play_loss_after": after[1]}.items():
+        writer.add_scalar(f"patch/{k}", v, global_step)
+    print(f"[patch {patches}] {len(new['obs'])} simulator frames of the policy (coverage {metrics['mean_coverage']:.3f}, "
+          f"tool on the T {metrics['contact_fraction']:.2f}); DIAMOND's loss on them {before[0]:.4f} -> {after[0]:.4f}, "
+          f"on play data {before[1]:.4f} -> {after[1]:.4f}")
+    envs.save_dataset(os.path.join(run_dir, "patch_data.npz"), {
+        "obs": patch["obs"].permute(0, 2, 3, 1).cpu().numpy(), "action": patch["action"].cpu().numpy(),
+        "is_first": patch["is_first"].cpu().numpy(), "env_id": np.array(args.env_id),
+        "control_hz": np.array(envs.CONTROL_HZ), "format_version": np.array(envs.FORMAT_VERSION)})
+    save_checkpoint(os.path.join(run_dir, "world_model_patched.pt"), "world_model", args, model=denoiser.state_dict(),
+                    done=True, patches=patches)
+    return patch
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1153,6 +1256,14 @@ def dmo_sapo(args, data, denoiser, reward_model, goal_e, rssm, rssm_opt, device,
             log_alpha.copy_(ckpt["log_alpha"])
         start_epoch = ckpt["epoch"]
         print(f"DMO-SAPO: resuming {path} at epoch {start_epoch} (the replay buffer starts empty)")
+    patch, patches, patched_path = None, 0, os.path.join(run_dir, "world_model_patched.pt")
+    if os.path.exists(patched_path):  # a resumed run that patched DIAMOND: go on with the patched model and data
+        ckpt = load_checkpoint(patched_path, "world_model", args)
+        denoiser.load_state_dict(ckpt["model"])
+        patches = ckpt["patches"]
+        patch_path = os.path.join(run_dir, "patch_data.npz")
+        patch = frames_to_tensors(envs.load_dataset(patch_path), patch_path, args.img_size, device)
+        print(f"DMO-SAPO: DIAMOND as patched {patches} times, {len(patch['obs'])} patch frames ({patched_path})")
 
     def save_agent(epoch):
         save_checkpoint(path, "agent", args, actor=actor.state_dict(), critic=critic.state_dict(),
@@ -1228,9 +1339,18 @@ def dmo_sapo(args, data, denoiser, reward_model, goal_e, rssm, rssm_opt, device,
                   f"T {metrics['mean_block_distance']:.0f} px from target, tool on the T {metrics['contact_fraction']:.2f}")
             if args.save_model:
                 save_agent(epoch + 1)
+        # Exploit patching: the policy on the robot, DIAMOND fine-tuned on what it saw (a resumed run skips a
+        # patch it already made)
+        if args.patch_every and (epoch + 1) % args.patch_every == 0 and epoch + 1 < args.epochs \
+                and (epoch + 1) // args.patch_every > patches:
+            patches += 1
+            patch = patch_world_model(args, denoiser, data, patch, rssm, actor, patches, device, writer, global_step,
+                                      run_dir)
+            if args.save_model:
+                save_agent(epoch + 1)
     if args.save_model:
         save_agent(args.epochs)
-    return actor, args.epochs * B * H
+    return actor, args.epochs * B * H, 0 if patch is None else len(patch["obs"])
 
 
 def parse_args(argv=None):
@@ -1260,6 +1380,11 @@ def parse_args(argv=None):
     if args.exploit_check_episodes > 0 and args.exploit_check_steps < args.wm_context + 4:
         raise RunError(f"exploit_check_steps ({args.exploit_check_steps}) must be at least wm_context + 4 "
                        f"({args.wm_context + 4})")
+    if args.patch_every and args.forward_model != "diamond":
+        raise RunError("--patch-every patches DIAMOND: it needs --forward-model diamond")
+    if args.patch_every and args.patch_steps < args.wm_context + 1 + args.wm_ar_steps:
+        raise RunError(f"patch_steps ({args.patch_steps}) must be at least wm_context + 1 + wm_ar_steps "
+                       f"({args.wm_context + 1 + args.wm_ar_steps}): DIAMOND trains on windows of that length")
     return args
 
 
@@ -1277,6 +1402,8 @@ def run(args):
         for kind, checkpoint in given.items():  # a flag the checkpoints refuse fails before args.json changes
             if checkpoint or os.path.exists(os.path.join(run_dir, f"{kind}.pt")):
                 load_checkpoint(checkpoint or os.path.join(run_dir, f"{kind}.pt"), kind, args)
+        if os.path.exists(os.path.join(run_dir, "world_model_patched.pt")):
+            load_checkpoint(os.path.join(run_dir, "world_model_patched.pt"), "world_model", args)
         if os.path.exists(os.path.join(run_dir, "wall_time_s.txt")):
             with open(os.path.join(run_dir, "wall_time_s.txt")) as f:
                 CLOCK["before"] = float(f.read())
@@ -1322,7 +1449,8 @@ def run(args):
         writer.add_scalar("world_model/open_loop_mse", errors["diamond"], 0)
         writer.add_scalar("rssm/open_loop_mse", errors["rssm"], 0)
 
-    actor, global_step = dmo_sapo(args, data, denoiser, reward_model, goal_e, rssm, rssm_opt, device, writer, run_dir)
+    actor, global_step, patch_frames = dmo_sapo(args, data, denoiser, reward_model, goal_e, rssm, rssm_opt, device,
+                                                writer, run_dir)
 
     # Zero-shot deployment in the simulator
     print(f"evaluating {args.eval_episodes} episodes in {args.env_id}")
@@ -1332,7 +1460,7 @@ def run(args):
     for i, video in enumerate(videos):
         envs.write_video(os.path.join(run_dir, f"eval_episode_{i}.mp4"), video, scale=1)
     if trajectory is not None:
-        (frames, actions), k = trajectory, args.exploit_check_episodes
+        (frames, actions, _), k = trajectory, args.exploit_check_episodes
         r_real, r_dream, dreamed = exploitation_check(args, denoiser, reward_model, goal_e, frames[:k], actions[:k])
         (a, b), (c, d) = ([x.mean().item() for x in first_last(r)] for r in (r_real, r_dream))
         metrics["world_model_check"] = {"episodes": len(r_real), "steps": frames.shape[1],
@@ -1350,6 +1478,8 @@ def run(args):
         envs.write_video(os.path.join(run_dir, "imagined_vs_real_final.mp4"), video)
         writer.add_scalar("rssm/open_loop_mse", errors["rssm"], global_step)
     result = {"env_id": args.env_id, **metrics, "global_step": global_step, "wall_time_s": wall_time()}
+    if args.patch_every:
+        result["patch_frames"] = patch_frames  # simulator frames of the patches, on top of the play data
     for k in ("success_rate", "mean_coverage", "mean_return", "mean_block_distance", "contact_fraction"):
         writer.add_scalar(f"eval/{k}", metrics[k], global_step)
     with open(os.path.join(run_dir, "eval.json"), "w") as f:

@@ -125,7 +125,9 @@ class PushTEnv(gym.Env):
         img = np.full((2 * size, 2 * size, 3), PUSHT_COLORS["background"], np.uint8)
 
         def fill(body, color):
-            for shape in sim.block.shapes:
+            # the T's two boxes in a fixed order: body.shapes is a set, and the anti-aliased seam where the boxes
+            # overlap depends on which is drawn last, so set order made the same state render 1 level apart
+            for shape in sorted(sim.block.shapes, key=lambda shape: [tuple(v) for v in shape.get_vertices()]):
                 pts = np.array([body.local_to_world(v) for v in shape.get_vertices()]) * s
                 cv2.fillPoly(img, [np.round(pts * 2**shift).astype(np.int32)], color, cv2.LINE_AA, shift)
 

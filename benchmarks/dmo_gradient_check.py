@@ -32,7 +32,8 @@ class Args:
     """dmo_sapo_diamond.py run folders with finished world-model, reward-model and RSSM checkpoints (or the
     --*-checkpoint paths recorded in their args.json)"""
     finetuned: bool = False
-    """use the RSSM as fine-tuned during RL (agent.pt) instead of the pretrained one (rssm.pt)"""
+    """use the RSSM as fine-tuned during RL (agent.pt) instead of the pretrained one (rssm.pt), and DIAMOND as
+    patched during RL (world_model_patched.pt, runs with --patch-every) instead of the trained one"""
     rollouts: int = 64
     """play-data windows the action sequences start from"""
     horizon: int = 8
@@ -56,8 +57,9 @@ def load(run, finetuned):
     device = torch.device("cpu")
     data = dmo.load_play_data(args, device)
     denoiser = dmo.Denoiser(2, args.wm_context, args.wm_channels, args.wm_depths, args.wm_cond_channels).eval()
-    denoiser.load_state_dict(dmo.load_checkpoint(args.wm_checkpoint or os.path.join(run, "world_model.pt"),
-                                                 "world_model")["model"])
+    patched = os.path.join(run, "world_model_patched.pt")
+    wm = patched if finetuned and os.path.exists(patched) else args.wm_checkpoint or os.path.join(run, "world_model.pt")
+    denoiser.load_state_dict(dmo.load_checkpoint(wm, "world_model")["model"])
     reward_model = dmo.RewardModel(args.img_size).eval()
     reward_model.load_state_dict(dmo.load_checkpoint(args.reward_checkpoint or os.path.join(run, "reward_model.pt"),
                                                      "reward_model")["model"])

@@ -107,7 +107,7 @@ class Subject:
 
         def evaluate(act, episodes, steps):
             policy = lambda feat, deterministic: (act(None, feat), None)
-            metrics, _, (frames, _) = dmo.evaluate(args, self.rssm, policy, episodes, args.eval_seed,
+            metrics, _, (frames, _, _) = dmo.evaluate(args, self.rssm, policy, episodes, args.eval_seed,
                                                    torch.device("cpu"), keep=steps)
             return metrics, frames
         self.evaluate = evaluate

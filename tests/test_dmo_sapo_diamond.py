@@ -359,6 +359,52 @@ def test_killed_run_resumes_from_its_checkpoints(play_data, tmp_path):
     assert torch.load(run_dir / "rssm.pt", map_location="cpu", weights_only=False)["step"] == 30
 
 
+def test_episodes_to_data_keeps_each_episode_until_it_ended():
+    frames = torch.rand(2, 5, 3, 4, 4) * 2 - 1
+    actions = torch.rand(2, 5, 2)
+    alive = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)  # episode 0 succeeded after 3 steps
+    data = dmo.episodes_to_data(frames, actions, alive)
+    assert data["obs"].dtype == torch.uint8 and data["obs"].shape == (8, 3, 4, 4)
+    assert torch.equal(data["obs"][3], dmo.to_uint8(frames[1, 0])) and torch.equal(data["action"][2], actions[0, 2])
+    assert data["is_first"].tolist() == [1, 0, 0, 1, 0, 0, 0, 0] and data["episode"].tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
+    both = dmo.concat_data(data, data)
+    assert len(both["obs"]) == 16 and both["episode"].tolist()[8:] == [2, 2, 2, 3, 3, 3, 3, 3]
+
+
+def test_exploit_patching_fine_tunes_diamond_on_the_policys_frames_and_resumes(play_data, tmp_path):
+    patch = ["--patch-every", "2", "--patch-episodes", "3", "--patch-steps", "12", "--patch-wm-steps", "5"]
+    r = run_script("--preset", "tiny", "--runs-dir", str(tmp_path), "--data-path", play_data, "--no-capture-video",
+                   "--epochs", "3", *patch)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (run_dir,) = tmp_path.iterdir()
+    assert "[patch 1] 36 simulator frames of the policy" in r.stdout
+    assert json.loads((run_dir / "eval.json").read_text())["patch_frames"] == 36
+    data = envs.load_dataset(str(run_dir / "patch_data.npz"))  # a data file like the play data
+    assert data["obs"].shape == (36, 32, 32, 3) and np.flatnonzero(data["is_first"]).tolist() == [0, 12, 24]
+    # the frames are the simulator's, from the patch seeds, and each follows from the action recorded before it
+    env = gym.make("PushT-v0", obs_size=32)
+    for i in range(3):
+        obs, _ = env.reset(seed=dmo.PATCH_SEED + i)
+        assert np.array_equal(obs, data["obs"][12 * i])
+    for t in range(11):
+        obs = env.step(data["action"][24 + t])[0]
+        assert np.array_equal(obs, data["obs"][25 + t])
+    assert np.abs(data["action"]).max() <= 1 and data["action"].std() > 0.05  # sampled actions, not the mean
+    # DIAMOND was fine-tuned into a separate checkpoint; the trained one is left as it was
+    load = lambda name: torch.load(run_dir / name, map_location="cpu", weights_only=False)
+    patched, trained = load("world_model_patched.pt"), load("world_model.pt")
+    assert patched["kind"] == "world_model" and patched["patches"] == 1
+    assert any(not torch.equal(patched["model"][k], v) for k, v in trained["model"].items())
+    # resumed for more epochs: the patched model and its data carry on, the next patch adds to them
+    r = run_script("--resume", str(run_dir), "--epochs", "5")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "DIAMOND as patched 1 times, 36 patch frames" in r.stdout and "[patch 2] 36 simulator frames" in r.stdout
+    assert "[patch 1]" not in r.stdout and load("world_model_patched.pt")["patches"] == 2
+    assert len(envs.load_dataset(str(run_dir / "patch_data.npz"))["obs"]) == 72
+    r = run_script("--preset", "tiny", "--runs-dir", str(tmp_path / "x"), "--forward-model", "rssm", *patch, timeout=60)
+    assert r.returncode == 1 and "--patch-every patches DIAMOND" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
 def test_bad_data_file_is_a_one_line_error(tmp_path):
     bad = tmp_path / "bad.npz"
     np.savez(bad, obs=np.zeros((4, 64, 64, 3), np.uint8), action=np.zeros((4, 2), np.float64),
