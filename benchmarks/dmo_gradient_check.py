@@ -50,15 +50,18 @@ class Args:
     """seed of the starts, the actions, the directions and DIAMOND's sampler noise"""
 
 
-def load(run, finetuned):
+def load(run, finetuned, patched=None):
+    """A run's args, play data, DIAMOND (as patched, if the run patched it and `patched`, default `finetuned`), r and
+    RSSM (as fine-tuned in agent.pt with `finetuned`, else as pretrained)."""
     with open(os.path.join(run, "args.json")) as f:
         saved = json.load(f)
     args = dmo.Args(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(dmo.Args)}})
     device = torch.device("cpu")
     data = dmo.load_play_data(args, device)
     denoiser = dmo.Denoiser(2, args.wm_context, args.wm_channels, args.wm_depths, args.wm_cond_channels).eval()
-    patched = os.path.join(run, "world_model_patched.pt")
-    wm = patched if finetuned and os.path.exists(patched) else args.wm_checkpoint or os.path.join(run, "world_model.pt")
+    patched_path = os.path.join(run, "world_model_patched.pt")
+    use_patched = finetuned if patched is None else patched
+    wm = patched_path if use_patched and os.path.exists(patched_path) else args.wm_checkpoint or os.path.join(run, "world_model.pt")
     denoiser.load_state_dict(dmo.load_checkpoint(wm, "world_model")["model"])
     reward_model = dmo.RewardModel(args.img_size).eval()
     reward_model.load_state_dict(dmo.load_checkpoint(args.reward_checkpoint or os.path.join(run, "reward_model.pt"),

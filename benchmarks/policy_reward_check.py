@@ -50,6 +50,8 @@ class Args:
     """steps scored with r, in DIAMOND and on the real frames"""
     seed: int = 0
     """seed of the windows, the sampler noise and the random actions"""
+    unpatched: bool = False
+    """a DMO run with --patch-every: score in DIAMOND as it was trained, not as the run patched it"""
 
 
 class Reference(nn.Module):
@@ -86,7 +88,7 @@ class Subject:
     `act(frames, feat)` (the last `context` frames in [-1, 1]; the RSSM features, or None), and
     `evaluate(act, episodes, steps)`: the script's own evaluation in the simulator, with the first `steps` frames."""
 
-    def __init__(self, run):
+    def __init__(self, run, unpatched=False):
         if not os.path.exists(os.path.join(run, "agent.pt")):
             raise SystemExit(f"error: {run} has no agent.pt; pass run folders of dmo_sapo_diamond.py or ppo_baseline.py")
         with open(os.path.join(run, "args.json")) as f:
@@ -94,12 +96,12 @@ class Subject:
         if saved.get("exp_name") == "ppo_baseline":
             self.load_ppo(run, saved)
         else:
-            self.load_dmo(run)
+            self.load_dmo(run, unpatched)
         goal = dmo.to_float(torch.as_tensor(envs.pusht_goal_image(self.args.img_size)).permute(2, 0, 1))
         self.goal_e = self.reward_model.embed(goal[None])
 
-    def load_dmo(self, run):
-        args, self.data, self.denoiser, self.reward_model, self.rssm = load(run, finetuned=True)
+    def load_dmo(self, run, unpatched):
+        args, self.data, self.denoiser, self.reward_model, self.rssm = load(run, finetuned=True, patched=not unpatched)
         self.args, self.context, self.sampler_steps = args, args.wm_context, args.wm_denoising_steps
         actor = dmo.Actor(self.rssm.feat_dim, 2, args.hidden).eval()
         actor.load_state_dict(dmo.load_checkpoint(os.path.join(run, "agent.pt"), "agent")["actor"])
@@ -189,7 +191,7 @@ def main(a):
           "| steps with the tool on the T |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for run in a.runs:
-        subject = Subject(run)
+        subject = Subject(run, a.unpatched)
         for name, policy in (("trained", subject.act), ("zero actions", Reference("zero", a.seed)),
                              ("random actions", Reference("random", a.seed))):
             windows = from_play_windows(subject, policy, a)
