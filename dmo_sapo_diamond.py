@@ -1331,23 +1331,23 @@ def dmo_sapo(args, data, denoiser, reward_model, goal_e, rssm, rssm_opt, device,
                      "losses/alpha": alpha.item(), "losses/actor_grad_norm": actor_grad.item()}.items():
             writer.add_scalar(k, v, global_step)
         progress(epoch, reward=mean_r, alpha=alpha.item(), entropy=entropy.item(), SPS=sps)
-        if args.eval_every and (epoch + 1) % args.eval_every == 0 and epoch + 1 < args.epochs:
+        quick_eval = args.eval_every and (epoch + 1) % args.eval_every == 0 and epoch + 1 < args.epochs
+        if quick_eval:
             metrics, _, _ = evaluate(args, rssm, actor, args.eval_quick_episodes, args.eval_seed, device)
             for k in ("success_rate", "mean_coverage", "mean_return", "mean_block_distance", "contact_fraction"):
                 writer.add_scalar(f"eval/{k}", metrics[k], global_step)
             print(f"[eval] epoch {epoch + 1}: success {metrics['success_rate']:.2f}, coverage {metrics['mean_coverage']:.3f}, "
                   f"T {metrics['mean_block_distance']:.0f} px from target, tool on the T {metrics['contact_fraction']:.2f}")
-            if args.save_model:
-                save_agent(epoch + 1)
-        # Exploit patching: the policy on the robot, DIAMOND fine-tuned on what it saw (a resumed run skips a
-        # patch it already made)
-        if args.patch_every and (epoch + 1) % args.patch_every == 0 and epoch + 1 < args.epochs \
-                and (epoch + 1) // args.patch_every > patches:
+        # Exploit patching: the policy on the robot, DIAMOND fine-tuned on what it saw. The epoch's checkpoint comes
+        # after it, so a run killed while patching patches again when resumed; one that patched skips it.
+        patch_now = args.patch_every and (epoch + 1) % args.patch_every == 0 and epoch + 1 < args.epochs \
+            and (epoch + 1) // args.patch_every > patches
+        if patch_now:
             patches += 1
             patch = patch_world_model(args, denoiser, data, patch, rssm, actor, patches, device, writer, global_step,
                                       run_dir)
-            if args.save_model:
-                save_agent(epoch + 1)
+        if args.save_model and (quick_eval or patch_now):
+            save_agent(epoch + 1)
     if args.save_model:
         save_agent(args.epochs)
     return actor, args.epochs * B * H, 0 if patch is None else len(patch["obs"])
