@@ -113,6 +113,11 @@ class Args:
     # Evaluation in the simulator
     eval_episodes: int = 50
     """final zero-shot evaluation episodes"""
+    eval_every: int = 25
+    """iterations between quick evaluations in the simulator during training, logged as eval/* against samples as
+    dmo_sapo_diamond.py logs its own (0: never)"""
+    eval_quick_episodes: int = 10
+    """episodes of a quick evaluation"""
     eval_seed: int = 1_000_000
     """first evaluation seed (as dmo_sapo_diamond.py)"""
 
@@ -123,10 +128,11 @@ class Args:
 
 PRESETS = {
     "tiny": dict(total_timesteps=64, num_envs=4, num_steps=8, minibatch_size=16, update_epochs=2, episode_length=8,
-                 play_steps=1200, cnn_channels=[8, 8], hidden=[32], eval_episodes=2),
+                 play_steps=1200, cnn_channels=[8, 8], hidden=[32], eval_episodes=2, eval_every=1,
+                 eval_quick_episodes=2),
     "default": dict(),  # the field defaults above: 5x DMO's default budget (76,800 samples) on a 2-core CPU
     "paper": dict(img_size=64, total_timesteps=40_000_000, num_envs=256, num_steps=64, minibatch_size=4096,
-                  episode_length=128, eval_episodes=100),
+                  episode_length=128, eval_episodes=100, eval_every=100),
 }
 
 AGENT_FIELDS = ["env", "img_size", "frame_stack", "cnn_channels", "hidden"]  # what a resumed checkpoint must match
@@ -334,6 +340,11 @@ def evaluate(args, agent, episodes, seed, device, record=0):
     return metrics, videos
 
 
+def log_eval(writer, metrics, global_step):
+    for k in ("success_rate", "mean_coverage", "mean_return", "mean_block_distance", "contact_fraction"):
+        writer.add_scalar(f"eval/{k}", metrics[k], global_step)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------
@@ -455,6 +466,12 @@ def ppo(args, env, device, writer, run_dir):
         for k, v in scalars.items():
             writer.add_scalar(k, v, global_step)
         progress(iteration, reward=mean_r, entropy=entropy_loss.item(), SPS=sps)
+        if args.eval_every and (iteration + 1) % args.eval_every == 0 and iteration + 1 < num_iterations:
+            metrics, _ = evaluate(args, agent, args.eval_quick_episodes, args.eval_seed, device)  # uses no RNG
+            log_eval(writer, metrics, global_step)
+            print(f"[eval] {global_step:,} samples: success {metrics['success_rate']:.2f}, coverage "
+                  f"{metrics['mean_coverage']:.3f}, T {metrics['mean_block_distance']:.0f} px from target, "
+                  f"tool on the T {metrics['contact_fraction']:.2f}")
         if (iteration + 1) % args.save_every == 0:
             save(iteration + 1)
     save(num_iterations)
@@ -505,8 +522,7 @@ def run(args):
     for i, frames in enumerate(videos):
         envs.write_video(os.path.join(run_dir, f"eval_episode_{i}.mp4"), frames, scale=1)
     result = {"env_id": args.env_id, **metrics, "global_step": global_step, "wall_time_s": dmo.wall_time()}
-    for k in ("success_rate", "mean_coverage", "mean_return", "mean_block_distance", "contact_fraction"):
-        writer.add_scalar(f"eval/{k}", metrics[k], global_step)
+    log_eval(writer, metrics, global_step)
     with open(os.path.join(run_dir, "eval.json"), "w") as f:
         json.dump(result, f, indent=1)
     writer.close()

@@ -69,6 +69,26 @@ def test_ppo_learns_a_contextual_bandit(tmp_path):
         assert (agent.act(bright) > 0.3).all() and (agent.act(dark) < -0.3).all(), (agent.act(bright), agent.act(dark))
 
 
+def test_quick_evaluations_are_logged_against_samples_and_leave_training_unchanged(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    agents = []
+    for every in (1, 0):
+        torch.manual_seed(0)
+        args = ppo.Args(**{**ppo.PRESETS["tiny"], "env": "sim", "eval_every": every, "save_model": False})
+        writer = SummaryWriter(str(tmp_path / str(every)))
+        agent, _ = ppo.ppo(args, ppo.Simulator(args, args.num_envs, args.seed, torch.device("cpu")),
+                           torch.device("cpu"), writer, str(tmp_path))
+        writer.close()
+        agents.append(agent.state_dict())
+        events = EventAccumulator(str(tmp_path / str(every))).Reload()
+        if every:  # 2 iterations of 32 samples: a quick evaluation after the first, none after the last
+            (quick,) = events.Scalars("eval/mean_coverage")
+            assert quick.step == 32 and 0 <= quick.value <= 1
+        else:
+            assert "eval/mean_coverage" not in events.Tags()["scalars"]
+    assert all(torch.equal(agents[0][k], agents[1][k]) for k in agents[0]), "the evaluation changed the training"
+
+
 def run_script(*args, timeout=120):
     return subprocess.run([sys.executable, "ppo_baseline.py", "--preset", "tiny", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
@@ -131,6 +151,7 @@ def test_tiny_preset_in_the_world_model(global_models, tmp_path):
     steps = [e.step for e in events.Scalars("imagination/reward")]
     assert steps == [32, 64], "imagination/reward against world-model samples, as DMO logs it"
     assert "charts/SPS" in events.Tags()["scalars"] and "losses/policy_loss" in events.Tags()["scalars"]
+    assert [e.step for e in events.Scalars("eval/mean_coverage")] == [32, 64], "quick and final evaluations"
 
 
 def test_checkpoint_of_the_wrong_kind_is_a_one_line_error(global_models, tmp_path):
