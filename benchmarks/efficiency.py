@@ -72,6 +72,7 @@ if __name__ == "__main__":
         print(f"| {name} | {to_target} | {values[-1]:.3f} | {steps[-1]:,} | {seconds[-1] / 60:.1f} min |")
     below = [name for name, (_, values, _) in curves.items() if values[-1] < target]
     if below:  # a curve that touched the target and fell back did not reach it in any useful sense
-        print(f"\n{' and '.join(below)} end{'s' * (len(below) == 1)} below the target: no sample ratio (the paper, Push-T: PPO needs 5x DMO's)")
+        print(f"\n{' and '.join(below)} end{'s' * (len(below) == 1)} below the target: no sample ratio "
+              f"(the paper, Push-T: PPO needs 5x DMO's)")
     elif needed["DMO"] and needed["PPO"]:
         print(f"\nPPO needs {needed['PPO'] / needed['DMO']:.1f}x the world-model samples of DMO (paper, Push-T: 5x)")
