@@ -27,7 +27,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-import cv2
 import gymnasium as gym
 import numpy as np
 import torch
@@ -65,10 +64,12 @@ class Args:
     """stop after this stage (its checkpoint is written); continue later with --resume"""
 
     # Play data
-    env_id: str = "PushT-v0"
-    """the simulator that stands in for the robot"""
+    env_id: Literal["PushT-v0", "PushTReach-v0", "PushTPuck-v0"] = "PushT-v0"
+    """the task, a rung of the Push-T ladder (envs.py): PushT-v0 (the paper's), PushTPuck-v0 (push a round puck onto
+    a target) or PushTReach-v0 (the tool reaches a target; no object)"""
     data_dir: str = "data"
-    """play data lives at {data_dir}/{env_id}_play.npz, collected from the simulator when missing"""
+    """play data lives at {data_dir}/{env_id}_play_{play_steps}.npz (one file per size: presets never share one),
+    collected from the simulator when missing"""
     data_path: Optional[str] = None
     """any play-data file of the format in README (e.g. recorded on a real robot); overrides data_dir"""
     play_steps: int = 30_000
@@ -118,11 +119,15 @@ class Args:
     undo that: mixed by frames (about 1 pair in 5 from the videos), r rewarded the T far from its target (README)"""
     reward_video_path: Optional[str] = None
     """a file of such videos (the data format, each episode ending at the goal); default
-    {env_id}_goal_videos.npz beside the play data, collected when missing"""
+    {env_id}_goal_videos_{reward_goal_videos}.npz beside the play data, collected when missing"""
 
     # Local model f<- (DreamerV3 RSSM)
     rssm_checkpoint: Optional[str] = None
     """a pretrained RSSM (rssm.pt); skips its pretraining"""
+    local_obs: Literal["frames", "state"] = "frames"
+    """what the local model (and so the policy) observes: camera frames (the Coupled paper), or the simulator's
+    state (the original DMO paper's setting; needs --forward-model sim): the optimiser without the image
+    representation, which at 32x32 does not learn the 2-pixel tool in a CPU budget (README)"""
     rssm_size: Literal["tiny", "small", "push_t", "push_cube"] = "small"
     """RSSM size (rssm.presets; Table 4 Push-T = push_t)"""
     rssm_pretrain_steps: int = 2000
@@ -148,8 +153,13 @@ class Args:
     """FIFO replay of global-model frames for RSSM fine-tuning (Table 4: 1e6)"""
 
     # DMO-SAPO actor-critic
-    forward_model: Literal["diamond", "rssm"] = "diamond"
-    """who generates the forward trajectory: DIAMOND, or the RSSM itself (ablation "No Diffusion")"""
+    forward_model: Literal["diamond", "rssm", "sim"] = "diamond"
+    """who generates the forward trajectory: DIAMOND, the RSSM itself (ablation "No Diffusion"), or the simulator
+    reset to the state recorded with each play window (the oracle: the original DMO paper's setting)"""
+    reward_source: Literal["model", "true"] = "model"
+    """the value of each imagined reward: the global reward model r, or the simulator's task reward (the oracle;
+    needs --forward-model sim and play data with states). Its gradient always comes from the RSSM's reward head,
+    which is trained on the same kind of reward"""
     epochs: int = 150
     """epochs of Algorithm 1 (each: RSSM fine-tuning, one horizon of num_envs rollouts, actor/critic updates)"""
     num_envs: int = 32
@@ -171,9 +181,11 @@ class Args:
     alpha_lr: float = 5e-3
     """learning rate of log(alpha)"""
     init_alpha: float = 0.1
-    """initial entropy temperature"""
+    """initial entropy temperature (mineral's SAPO: 1.0; at 1.0 the entropy's gradient on the actor was as large as
+    the reward's here, at 0.1 it is a tenth of it: losses/actor_grad_*)"""
     target_entropy: float = -6.0
-    """target entropy of the learned temperature (Table 4)"""
+    """target entropy of the learned temperature (Table 4); the bonus is scaled by it as SAPO's authors do
+    (`scaled_entropy`)"""
     betas: tuple[float, float] = (0.7, 0.95)
     """Adam betas of actor and critic"""
     max_grad_norm: float = 1.0
@@ -234,7 +246,7 @@ PRESETS = {
 # Play data
 # ----------------------------------------------------------------------------------------------------
 def play_data_path(args):
-    return args.data_path or os.path.join(args.data_dir, f"{args.env_id}_play.npz")
+    return args.data_path or os.path.join(args.data_dir, f"{args.env_id}_play_{args.play_steps}.npz")
 
 
 def load_play_data(args, device):
@@ -244,32 +256,32 @@ def load_play_data(args, device):
         print(f"collecting {args.play_steps} frames of play data into {path}")
         envs.save_dataset(path, envs.collect(args.env_id, args.play_steps, seed=0))
     data = envs.load_dataset(path)
+    if str(data.get("env_id", args.env_id)) != args.env_id:
+        raise RunError(f"{path}: play data of {data['env_id']}, but this run's task is {args.env_id} (--env-id)")
     if args.data_path is None and len(data["obs"]) != args.play_steps:  # collected earlier, e.g. by another preset
-        raise RunError(f"{path} holds {len(data['obs'])} frames but --play-steps is {args.play_steps}: delete it to "
-                       f"collect anew, or pass --data-path {path} to train on it as it is")
+        raise RunError(f"{path} holds {len(data['obs'])} frames, not the {args.play_steps} of --play-steps: it was not "
+                       f"collected by this script; pass --data-path {path} to train on it as it is")
     return frames_to_tensors(data, path, args.img_size, device)
 
 
 def load_goal_videos(args, device):
     """Videos that end at the goal, for the reward model only (their actions are not transitions)."""
     play_dir = os.path.dirname(play_data_path(args))
-    path = args.reward_video_path or os.path.join(play_dir, f"{args.env_id}_goal_videos.npz")
+    path = args.reward_video_path or os.path.join(play_dir, f"{args.env_id}_goal_videos_{args.reward_goal_videos}.npz")
     if not os.path.exists(path) and args.reward_video_path is None:
         print(f"collecting {args.reward_goal_videos} goal videos into {path}")
-        envs.save_dataset(path, envs.pusht_goal_videos(args.reward_goal_videos, seed=1))
+        envs.save_dataset(path, envs.pusht_goal_videos(args.reward_goal_videos, seed=1, env_id=args.env_id))
     videos = envs.load_dataset(path)
     if args.reward_video_path is None and videos["is_first"].sum() != args.reward_goal_videos:
-        raise RunError(f"{path} holds {videos['is_first'].sum()} goal videos but --reward-goal-videos is "
-                       f"{args.reward_goal_videos}: delete it to collect anew, or pass --reward-video-path {path}")
+        raise RunError(f"{path} holds {videos['is_first'].sum()} goal videos, not the {args.reward_goal_videos} of "
+                       f"--reward-goal-videos: it was not collected by this script; pass --reward-video-path {path}")
     return frames_to_tensors(videos, path, args.img_size, device)
 
 
 def frames_to_tensors(data, path, img_size, device):
     if data["action"].shape[1] != 2:
         raise envs.DatasetError(f"{path}: key 'action': Push-T needs 2-d actions, got {data['action'].shape[1]}")
-    obs = data["obs"]
-    if obs.shape[1:3] != (img_size, img_size):
-        obs = np.stack([cv2.resize(o, (img_size, img_size), interpolation=cv2.INTER_AREA) for o in obs])
+    obs = np.stack([envs.resize_frame(o, img_size) for o in data["obs"]])  # the simulator's one rendering path
     is_first = torch.as_tensor(data["is_first"])
     return {
         "obs": torch.as_tensor(obs).permute(0, 3, 1, 2).contiguous().to(device),
@@ -576,8 +588,8 @@ class RunError(Exception):
 STAGE_FIELDS = {  # the Args fields a stage checkpoint must agree on
     "world_model": ["img_size", "wm_channels", "wm_depths", "wm_cond_channels", "wm_context"],
     "reward_model": ["img_size"],
-    "rssm": ["img_size", "rssm_size"],
-    "agent": ["img_size", "rssm_size", "hidden"],
+    "rssm": ["img_size", "rssm_size", "local_obs"],
+    "agent": ["img_size", "rssm_size", "local_obs", "hidden"],
 }
 
 
@@ -770,9 +782,9 @@ def train_reward_model(args, data, goal, device, writer, run_dir, videos=None):
     print(f"reward model: held-out ranking accuracy {acc.item():.3f}")
     writer.add_scalar("reward_model/heldout_accuracy", acc.item(), step)
     if data["state"] is not None:
-        corr = coverage_correlation(model, data, goal, held_out, device)
-        print(f"reward model: correlation of the goal-image reward with true coverage on held-out play {corr:.3f}")
-        writer.add_scalar("reward_model/coverage_correlation", corr, step)
+        corr = task_reward_correlation(model, data, goal, held_out, device, args.env_id)
+        print(f"reward model: correlation of the goal-image reward with the task's true reward on held-out play {corr:.3f}")
+        writer.add_scalar("reward_model/task_reward_correlation", corr, step)
     save(True)
     return model
 
@@ -801,11 +813,12 @@ def true_coverage(states):
     return np.array([env.reset(options={"state": s})[1]["coverage"] for s in states])
 
 
-def coverage_correlation(model, data, goal, episodes, device):
-    """Pearson correlation of r(s_t | s_0, goal image) with gym-pusht's coverage over the given episodes."""
+def task_reward_correlation(model, data, goal, episodes, device, env_id):
+    """Pearson correlation of r(s_t | s_0, goal image) with the simulator's task reward (Push-T: coverage / 0.95,
+    reach: -distance / 100) over the given episodes."""
     rewards, states = goal_rewards(model, data, goal, episodes, device)
-    coverage = true_coverage(states)
-    return float(np.corrcoef(rewards, coverage)[0, 1]) if coverage.std() > 0 else float("nan")
+    true = envs.task_rewards(env_id, states)
+    return float(np.corrcoef(rewards, true)[0, 1]) if true.std() > 0 else float("nan")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -821,15 +834,21 @@ def foreground_mask(frames, background):
     return (frames - background).abs().sum(-3, keepdim=True) > 0.3
 
 
-def rssm_train_step(rssm, opt, frames, actions, is_first, rewards, background=None, fg_weight=1.0):
-    """One DreamerV3 world-model step on (B, T) float frames in [-1, 1]; actions[:, t] led into frame t.
-    With fg_weight > 1 the reconstruction error on the pixels that differ from `background` counts fg_weight
-    times (README: Why the RSSM's reconstruction is weighted)."""
-    post, prior = rssm.observe(rssm.encode(frames / 2), actions, is_first)
+def rssm_input(rssm, obs):
+    """What the RSSM encodes and reconstructs: half of a float frame in [-1, 1] (DreamerV3's [-0.5, 0.5]), or a
+    state vector as it is."""
+    return obs / 2 if rssm.image else obs
+
+
+def rssm_train_step(rssm, opt, obs, actions, is_first, rewards, background=None, fg_weight=1.0):
+    """One DreamerV3 world-model step on (B, T) observations (float frames in [-1, 1], or states); actions[:, t]
+    led into frame t. With fg_weight > 1 the reconstruction error on the pixels that differ from `background`
+    counts fg_weight times (README: Why the RSSM's reconstruction is weighted)."""
+    post, prior = rssm.observe(rssm.encode(rssm_input(rssm, obs)), actions, is_first)
     weight = None
-    if fg_weight != 1.0:
-        weight = 1.0 + (fg_weight - 1.0) * foreground_mask(frames, background).float()
-    loss, parts = rssm.loss(post, prior, frames / 2, rewards, torch.ones_like(rewards), pixel_weight=weight)
+    if fg_weight != 1.0 and rssm.image:
+        weight = 1.0 + (fg_weight - 1.0) * foreground_mask(obs, background).float()
+    loss, parts = rssm.loss(post, prior, rssm_input(rssm, obs), rewards, torch.ones_like(rewards), pixel_weight=weight)
     opt.zero_grad()
     loss.backward()
     nn.utils.clip_grad_norm_(rssm.parameters(), 1000.0)
@@ -837,9 +856,15 @@ def rssm_train_step(rssm, opt, frames, actions, is_first, rewards, background=No
     return {k: v.item() for k, v in parts.items()}
 
 
+def local_obs(data, idx):
+    """The local model's observations of play frames `idx`: float frames in [-1, 1], or (--local-obs state) the
+    recorded states as envs.state_observation."""
+    return to_float(data["obs"][idx]) if data.get("local") is None else data["local"][idx]
+
+
 def rssm_sequences(data, idx):
-    """Play windows (B, T) of frame indices -> float frames, the actions that led into them, is_first."""
-    frames = to_float(data["obs"][idx])
+    """Play windows (B, T) of frame indices -> the RSSM's observations, the actions that led into them, is_first."""
+    frames = local_obs(data, idx)
     actions = torch.cat([torch.zeros_like(data["action"][idx[:, :1]]), data["action"][idx[:, :-1]]], 1)
     is_first = torch.zeros(idx.shape, dtype=torch.bool, device=idx.device)
     is_first[:, 0] = True
@@ -852,16 +877,22 @@ def foreground_error(rssm, data, idx, background):
     play data's median frame `background` (the tool and the T under Push-T's fixed camera), and the median
     frame's own error there. While the two are close, the policy's features hold little of the objects (README)."""
     frames, actions, is_first = rssm_sequences(data, idx)
-    post, _ = rssm.observe(rssm.encode(frames / 2), actions, is_first)
+    post, _ = rssm.observe(rssm.encode(rssm_input(rssm, frames)), actions, is_first)
     recon = rssm.decode(rssm.feat(post)) * 2
     fg = foreground_mask(frames, background).expand_as(frames)
     return ((recon - frames) ** 2)[fg].mean().item(), ((background - frames) ** 2)[fg].mean().item()
 
 
+def make_rssm(args, data):
+    """The local model: an RSSM of frames (img_size), or of the recorded states (--local-obs state)."""
+    shape = (3, args.img_size, args.img_size) if args.local_obs == "frames" else (data["local"].shape[1],)
+    cfg = RSSMConfig.preset(args.rssm_size, obs_shape=shape, action_dim=2,
+                            recon_scale=args.rssm_recon_scale if args.local_obs == "frames" else 1.0)
+    return RSSM(cfg)
+
+
 def pretrain_rssm(args, data, reward_model, goal_e, device, writer, run_dir):
-    cfg = RSSMConfig.preset(args.rssm_size, obs_shape=(3, args.img_size, args.img_size), action_dim=2,
-                            recon_scale=args.rssm_recon_scale)
-    rssm = RSSM(cfg).to(device)
+    rssm = make_rssm(args, data).to(device)
     opt = torch.optim.Adam(rssm.parameters(), lr=args.rssm_lr, eps=1e-8)
     path = args.rssm_checkpoint or os.path.join(run_dir, "rssm.pt")
     step = 0
@@ -886,6 +917,8 @@ def pretrain_rssm(args, data, reward_model, goal_e, device, writer, run_dir):
     background = median_frame(data)
 
     def log_foreground():  # forked RNG: the diagnostic leaves the run's random stream as it was
+        if not rssm.image:
+            return 0.0, 1.0
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             fg, bg = foreground_error(rssm, data, probe, background)
         writer.add_scalar("rssm/foreground_mse", fg, step)
@@ -897,9 +930,12 @@ def pretrain_rssm(args, data, reward_model, goal_e, device, writer, run_dir):
             log_foreground()
         idx = (starts[torch.randint(len(starts), (args.rssm_batch_size,))][:, None] + torch.arange(T)).to(device)
         frames, actions, is_first = rssm_sequences(data, idx)
-        with torch.no_grad():  # rewards from the global reward model, s_start = the sequence's first frame
-            e = reward_model.embed(frames)
-            rewards = reward_model.reward(e, e[:, :1].expand_as(e), goal_e.expand_as(e))
+        if reward_model is None:  # the oracle: the task reward of each frame's recorded state
+            rewards = data["reward"][idx]
+        else:
+            with torch.no_grad():  # rewards from the global reward model, s_start = the sequence's first frame
+                e = reward_model.embed(to_float(data["obs"][idx]))
+                rewards = reward_model.reward(e, e[:, :1].expand_as(e), goal_e.expand_as(e))
         parts = rssm_train_step(rssm, opt, frames, actions, is_first, rewards, background, args.rssm_fg_weight)
         check_finite("RSSM loss", parts["loss"], step, path)
         for k, v in parts.items():
@@ -909,6 +945,8 @@ def pretrain_rssm(args, data, reward_model, goal_e, device, writer, run_dir):
         if step % 500 == 0:
             save(False)
     save(True)
+    if data["state"] is not None:  # the gate needs the simulator states of the play data
+        print_gate(action_gradient_gate(args, data, rssm), writer, step)
     fg, bg = log_foreground()
     if fg > 0.8 * bg:
         print("RSSM: warning: its reconstruction of the tool and the T is hardly better than the background's; "
@@ -916,12 +954,75 @@ def pretrain_rssm(args, data, reward_model, goal_e, device, writer, run_dir):
     return rssm, opt
 
 
-class Replay:
-    """FIFO of global-model trajectories (chunks of horizon + 1 frames) on which the RSSM is fine-tuned."""
+GATE_COSINE = 0.5  # the local model's action gradient is worth following when its mean cosine with the true one is above
 
-    def __init__(self, frames_capacity, horizon, img_size):
+
+def action_gradient_gate(args, data, rssm, n=256, eps=0.05, seed=0):
+    """DMO's premise, measured (ALGORITHMS.md §1): from n play states (the RSSM filters the window before each),
+    with random actions a, the local model's gradient g = d R_phi(l') / d a through `decoupled_step` (the value l'
+    from the simulator's next frame, reset to the recorded state) against the true gradient of the task reward
+    d r(s') / d a by central differences of the simulator. Returns the mean cosine, the share of states where g has
+    a positive projection on the true gradient, the median size ratio |g| / |g_true|, the cosine by quartile of the
+    distance to the target, and how many states had a true gradient (Push-T's is zero until the tool meets the T)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        starts = window_starts(data, args.wm_context)
+        first = starts[torch.randint(len(starts), (n,))]
+        actions = (torch.rand(n, 2) * 1.6 - 0.8).to(data["obs"].device)
+        _, _, state = play_context(data, rssm, first.to(data["obs"].device), args.wm_context)
+        sim = gym.make(args.env_id, obs_size=args.img_size).unwrapped
+        frames, true_grad, distance = [], [], []
+        for t, a in zip((first + args.wm_context - 1).tolist(), actions.cpu().numpy().astype(np.float64)):
+            distance.append(sim.reset(options={"state": data["state"][t]})[1]["distance"])
+            frames.append(sim.step(a)[0] if rssm.image else envs.state_observation(sim.state))
+            true_grad.append([(reward_after(sim, data["state"][t], a + e) - reward_after(sim, data["state"][t], a - e))
+                              / (2 * eps) for e in np.eye(2) * eps])
+        obs = torch.as_tensor(np.stack(frames), device=actions.device)
+        obs = to_float(obs.permute(0, 3, 1, 2)) if rssm.image else obs
+        actions.requires_grad_(True)
+        with torch.no_grad():
+            embed = rssm.encode(rssm_input(rssm, obs))
+        next_state = rssm.decoupled_step(state, actions, embed)
+        g = torch.autograd.grad(rssm.reward(rssm.feat(next_state)).sum(), actions)[0].cpu()
+    true_grad, distance = torch.tensor(true_grad, dtype=torch.float32), torch.tensor(distance)
+    ok = true_grad.norm(dim=1) > 1e-6
+    g, true_grad, distance = g[ok], true_grad[ok], distance[ok]
+    cos = F.cosine_similarity(g, true_grad, dim=1, eps=1e-12)
+    quartiles = distance.quantile(torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])).tolist()
+    by_distance = [(lo, hi, cos[(distance >= lo) & (distance <= hi)].mean().item())
+                   for lo, hi in zip(quartiles[:-1], quartiles[1:])]
+    return {"cosine": cos.mean().item(), "positive": (cos > 0).float().mean().item(),
+            "size_ratio": (g.norm(dim=1) / true_grad.norm(dim=1)).median().item(), "by_distance": by_distance,
+            "states": int(ok.sum())}
+
+
+def reward_after(sim, state, action):
+    """The simulator's reward for one step from `state`."""
+    sim.reset(options={"state": state})
+    return sim.step(action)[1]
+
+
+def print_gate(gate, writer=None, step=0, label="RSSM"):
+    if gate["states"] < 16:
+        print(f"{label}: action-gradient gate: the true reward has a gradient at only {gate['states']} of the states")
+        return
+    verdict = "passes" if gate["cosine"] >= GATE_COSINE else f"FAILS (needs a mean cosine of {GATE_COSINE})"
+    bins = ", ".join(f"{lo:.0f}-{hi:.0f} px: {c:+.2f}" for lo, hi, c in gate["by_distance"])
+    print(f"{label}: action-gradient gate {verdict}: cosine with the true reward gradient {gate['cosine']:+.3f} "
+          f"(positive at {gate['positive']:.0%} of {gate['states']} states; by distance to the target {bins}), "
+          f"size {gate['size_ratio']:.2f}x the true one")
+    if writer is not None:
+        for k in ("cosine", "positive", "size_ratio"):
+            writer.add_scalar(f"rssm/gate_{k}", gate[k], step)
+
+
+class Replay:
+    """FIFO of global-model trajectories (chunks of horizon + 1 observations: uint8 frames, or float states) on which
+    the RSSM is fine-tuned."""
+
+    def __init__(self, frames_capacity, horizon, obs_shape, dtype=torch.uint8):
         self.size = max(1, frames_capacity // (horizon + 1))
-        self.frames = torch.zeros(self.size, horizon + 1, 3, img_size, img_size, dtype=torch.uint8)
+        self.frames = torch.zeros(self.size, horizon + 1, *obs_shape, dtype=dtype)
         self.actions = torch.zeros(self.size, horizon + 1, 2)
         self.rewards = torch.zeros(self.size, horizon + 1)
         self.ptr, self.full = 0, False
@@ -939,7 +1040,8 @@ class Replay:
         idx = torch.randint(len(self), (n,))
         is_first = torch.zeros(n, self.frames.shape[1], dtype=torch.bool)
         is_first[:, 0] = True
-        return (to_float(self.frames[idx].to(device)), self.actions[idx].to(device), is_first.to(device),
+        obs = self.frames[idx].to(device)
+        return (to_float(obs) if obs.dtype == torch.uint8 else obs, self.actions[idx].to(device), is_first.to(device),
                 self.rewards[idx].to(device))
 
 
@@ -955,22 +1057,26 @@ def play_context(data, rssm, first, n, sample=True):
     is_first = torch.zeros(idx.shape, dtype=torch.bool, device=first.device)
     is_first[:, 0] = True
     into = torch.cat([torch.zeros_like(actions[:, :1]), actions[:, :-1]], 1)
-    post, _ = rssm.observe(rssm.encode(frames / 2), into, is_first, sample=sample)
+    post, _ = rssm.observe(rssm.encode(rssm_input(rssm, local_obs(data, idx))), into, is_first, sample=sample)
     return frames, actions[:, :-1], {k: v[:, -1] for k, v in post.items()}
 
 
 class Rollouts:
     """The num_envs rollouts of DMO-SAPO. Each starts from a `context`-frame window of play data (the RSSM
-    filters the window), continues across horizons, and restarts after `episode_length` steps."""
+    filters the window), continues across horizons, and restarts after `episode_length` steps. `forward` is the
+    global model f-> (DIAMOND, or the simulator reset to the window's recorded state) with the reward r."""
 
-    def __init__(self, args, data, rssm, reward_model, goal_e, device):
+    def __init__(self, args, data, rssm, reward_model, goal_e, device, denoiser=None):
         self.args, self.data, self.rssm, self.reward_model, self.goal_e = args, data, rssm, reward_model, goal_e
+        self.denoiser = denoiser
         self.starts = window_starts(data, args.wm_context)
         B, n, S = args.num_envs, args.wm_context, args.img_size
+        self.sims = [gym.make(args.env_id, obs_size=S).unwrapped for _ in range(B)] if args.forward_model == "sim" else None
         self.frames = torch.zeros(B, n, 3, S, S, device=device)  # the denoiser's past frames
+        self.obs = torch.zeros(B, *rssm.cfg.obs_shape, device=device)  # what the local model sees of the last one
         self.actions = torch.zeros(B, n - 1, 2, device=device)  # and the actions taken after all but the last
         self.state = {k: v.detach().clone() for k, v in rssm.initial(B).items()}
-        self.start_e = torch.zeros(B, reward_model.embed_dim, device=device)
+        self.start_e = torch.zeros(B, reward_model.embed_dim if reward_model else 1, device=device)
         self.reward = torch.zeros(B, device=device)  # r of the current frame
         self.t = torch.zeros(B, dtype=torch.long, device=device)
         self.reset(torch.ones(B, dtype=torch.bool, device=device))
@@ -982,9 +1088,17 @@ class Rollouts:
         for k in self.state:
             self.state[k][mask] = state[k]
         self.frames[mask], self.actions[mask] = frames, actions
-        e = self.reward_model.embed(frames[:, -1])
-        self.start_e[mask] = e
-        self.reward[mask] = self.reward_model.reward(e, e, self.goal_e.expand_as(e))
+        last = first + self.args.wm_context - 1
+        self.obs[mask] = local_obs(self.data, last)
+        if self.sims is not None:  # the oracle: the simulator in the state recorded with the window's last frame
+            for i, t in zip(torch.nonzero(mask).squeeze(1).tolist(), last.tolist()):
+                self.sims[i].reset(options={"state": self.data["state"][t]})
+        if self.reward_model is None:
+            self.reward[mask] = self.data["reward"][last]
+        else:
+            e = self.reward_model.embed(frames[:, -1])
+            self.start_e[mask] = e
+            self.reward[mask] = self.reward_model.reward(e, e, self.goal_e.expand_as(e))
         self.t[mask] = 0
 
     def restart_finished(self):
@@ -992,9 +1106,31 @@ class Rollouts:
         if done.any():
             self.reset(done)
 
-    def push(self, frame, action):  # slide the context window by one generated frame
+    @torch.no_grad()
+    def forward(self, action):
+        """o_{h+1} = f->(o_h, a_h) for every rollout and r_h = r(o_{h+1}), both without gradient. Returns the frame,
+        what the local model observes of it (the frame, or with --local-obs state the simulator's state) and r."""
+        if self.sims is not None:
+            steps = [sim.step(a) for sim, a in zip(self.sims, action.cpu().numpy())]
+            frame = to_float(torch.as_tensor(np.stack([o for o, *_ in steps]), device=action.device).permute(0, 3, 1, 2))
+            true_r = torch.tensor([r for _, r, *_ in steps], dtype=torch.float32, device=action.device)
+        else:
+            past_actions = torch.cat([self.actions, action[:, None]], 1)
+            frame = self.denoiser.sample(self.frames, past_actions, self.args.wm_denoising_steps)
+        obs = frame
+        if self.args.local_obs == "state":
+            obs = torch.as_tensor(envs.state_observation(np.stack([sim.state for sim in self.sims])), device=frame.device)
+        return frame, obs, (true_r if self.reward_model is None else self.score(frame))
+
+    def score(self, frame):
+        """The global reward model's r(o | s_start, s_goal) of frames (B, 3, S, S)."""
+        return self.reward_model.reward(self.reward_model.embed(frame), self.start_e, self.goal_e.expand_as(self.start_e))
+
+    def push(self, frame, obs, action):  # slide the context window by one generated frame
+        self.obs = obs
         self.frames = torch.cat([self.frames[:, 1:], frame[:, None]], 1)
         self.actions = torch.cat([self.actions[:, 1:], action[:, None]], 1)
+        self.t += 1
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1002,23 +1138,46 @@ class Rollouts:
 # ----------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(args, rssm, actor, episodes, seed, device, record=0, keep=0, steps=None, sample=False):
-    """Run the policy (RSSM filter on real frames, mean action; sampled actions with `sample`) for `episodes`
-    episodes on seeds seed, seed+1, ..., each until it ends or for at most `steps` steps. Returns metrics, the
-    top-down frames of the first `record` episodes, and the first `keep` model-size frames (episodes, keep, 3, S, S)
-    and actions of every episode (actions[:, t] is taken after frames[:, t]) with a mask of the steps before the
-    episode ended (an episode that succeeds ends; its later kept frames repeat its last one)."""
+    """Run the policy (RSSM filter on real frames with sampled latents as in training, mean action; sampled actions
+    with `sample`) for `episodes` episodes on seeds seed, seed+1, ..., each until it ends or for at most `steps`
+    steps. Its random numbers come from its own stream seeded with `seed`: the training's stream is untouched.
+    Returns metrics, the top-down frames of the first `record` episodes, and the first `keep` model-size frames
+    (episodes, keep, 3, S, S) and actions of every episode (actions[:, t] is taken after frames[:, t]) with a mask
+    of the steps before the episode ended (an episode that succeeds ends; its later kept frames repeat its last)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return run_episodes(args, rssm, actor, episodes, seed, device, record, keep, steps, sample)
+
+
+def log_eval(writer, metrics, step):
+    for k in ("success_rate", "mean_coverage", "mean_return", "mean_final_distance", "contact_fraction"):
+        if k in metrics:
+            writer.add_scalar(f"eval/{k}", metrics[k], step)
+
+
+def eval_line(metrics):
+    """success, the object's (reach: the tool's) final distance to its target, Push-T's coverage and tool contact."""
+    line = f"success {metrics['success_rate']:.2f}, final distance {metrics['mean_final_distance']:.0f} px"
+    if "mean_coverage" in metrics:
+        line += f", coverage {metrics['mean_coverage']:.3f}, tool on the object {metrics['contact_fraction']:.2f}"
+    return line
+
+
+def run_episodes(args, rssm, actor, episodes, seed, device, record, keep, steps, sample):
     sims = [gym.make(args.env_id, obs_size=args.img_size) for _ in range(episodes)]
     obs = [sim.reset(seed=seed + i)[0] for i, sim in enumerate(sims)]
     state, action = rssm.initial(episodes), torch.zeros(episodes, 2, device=device)
     is_first = torch.ones(episodes, dtype=torch.bool, device=device)
     alive, returns = [True] * episodes, np.zeros(episodes)
     coverage, success = np.zeros(episodes), np.zeros(episodes, bool)
-    block_distance, contact_steps, length = np.zeros(episodes), np.zeros(episodes), np.zeros(episodes)
+    distance, contact_steps, length = np.zeros(episodes), np.zeros(episodes), np.zeros(episodes)
     videos = [[sims[i].unwrapped.render()] for i in range(min(record, episodes))]
     kept_frames, kept_actions, kept_alive = [], [], []
     while any(alive):
         frames = to_float(torch.as_tensor(np.stack(obs), device=device).permute(0, 3, 1, 2))
-        state, _ = rssm.obs_step(state, action, rssm.encode(frames / 2), is_first, sample=False)
+        seen = frames if rssm.image else torch.as_tensor(  # --local-obs state: the simulator's state
+            envs.state_observation(np.stack([sim.unwrapped.state for sim in sims])), device=device)
+        state, _ = rssm.obs_step(state, action, rssm.encode(rssm_input(rssm, seen)), is_first)
         action, _ = actor(rssm.feat(state), deterministic=not sample)
         is_first[:] = False
         if len(kept_frames) < keep:
@@ -1030,16 +1189,18 @@ def evaluate(args, rssm, actor, episodes, seed, device, record=0, keep=0, steps=
                 continue
             obs[i], reward, terminated, truncated, info = sim.step(action[i].cpu().numpy())
             returns[i] += reward
-            coverage[i], success[i] = info["coverage"], info["is_success"]
-            block_distance[i] = envs.pusht_block_distance(info["state"])
+            coverage[i], success[i] = info.get("coverage", 0.0), info["is_success"]
+            distance[i] = info["distance"]
             contact_steps[i] += info["contact"]
             length[i] += 1
             alive[i] = not (terminated or truncated or length[i] == steps)
             if i < len(videos):
                 videos[i].append(sim.unwrapped.render())
     metrics = {"episodes": episodes, "successes": int(success.sum()), "success_rate": float(success.mean()),
-               "mean_return": float(returns.mean()), "mean_coverage": float(coverage.mean()),
-               "mean_block_distance": float(block_distance.mean()), "contact_fraction": float((contact_steps / length).mean())}
+               "mean_return": float(returns.mean()), "mean_final_distance": float(distance.mean()),
+               "contact_fraction": float((contact_steps / length).mean())}
+    if args.env_id != "PushTReach-v0":
+        metrics["mean_coverage"] = float(coverage.mean())
     trajectory = (torch.stack(kept_frames, 1), torch.stack(kept_actions, 1), torch.stack(kept_alive, 1)) if keep else None
     return metrics, videos, trajectory
 
@@ -1170,12 +1331,11 @@ def patch_world_model(args, denoiser, data, patch, rssm, actor, patches, device,
     denoiser.eval().requires_grad_(False)
 
     after = probe_loss(denoiser, patch, new_starts, length), probe_loss(denoiser, data, play_starts, length)
-    for k, v in {"coverage": metrics["mean_coverage"], "contact_fraction": metrics["contact_fraction"],
+    for k, v in {"final_distance": metrics["mean_final_distance"], "contact_fraction": metrics["contact_fraction"],
                  "frames": len(patch["obs"]), "wm_loss_before": before[0], "wm_loss_after": after[0],
                  "play_loss_before": before[1], "play_loss_after": after[1]}.items():
         writer.add_scalar(f"patch/{k}", v, global_step)
-    print(f"[patch {patches}] {len(new['obs'])} simulator frames of the policy (coverage {metrics['mean_coverage']:.3f}, "
-          f"tool on the T {metrics['contact_fraction']:.2f}); DIAMOND's loss on them {before[0]:.4f} -> {after[0]:.4f}, "
+    print(f"[patch {patches}] {len(new['obs'])} simulator frames of the policy ({eval_line(metrics)}); DIAMOND's loss on them {before[0]:.4f} -> {after[0]:.4f}, "
           f"on play data {before[1]:.4f} -> {after[1]:.4f}")
     envs.save_dataset(os.path.join(run_dir, "patch_data.npz"), {
         "obs": patch["obs"].permute(0, 2, 3, 1).cpu().numpy(), "action": patch["action"].cpu().numpy(),
@@ -1189,48 +1349,59 @@ def patch_world_model(args, denoiser, data, patch, rssm, actor, patches, device,
 # ----------------------------------------------------------------------------------------------------
 # Algorithm 1: DMO-SAPO with global and local world models
 # ----------------------------------------------------------------------------------------------------
-def imagine_horizon(args, actor, critic, rssm, denoiser, reward_model, goal_e, rollouts, alpha):
-    """One horizon of Algorithm 1's inner loop for all rollouts. Returns the actor loss (eq. 1, differentiable
-    w.r.t. the actor through the RSSM only) and the detached trajectory for the critic and the replay."""
+def scaled_entropy(entropy, target):
+    """The entropy bonus of SAPO as its authors compute it (mineral's `offset_by_target_entropy` and
+    `scale_by_target_entropy`): (H - target) / (2 |target|), 0 at the target. Scaling by the target keeps the bonus
+    of a target like Table 4's -6 from swamping the reward (unscaled, at epoch 0 its gradient on the actor was 150x
+    the reward path's, and the deployed policy a constant); the temperature's loss is multiplied back by |target|."""
+    return (entropy - target) / (2 * abs(target))
+
+
+def imagine_horizon(args, actor, critic, rssm, rollouts, alpha):
+    """One horizon of Algorithm 1's inner loop for all rollouts. Returns eq. (1)'s three terms per rollout (the
+    rewards', the entropy bonus' and the bootstrap's, differentiable w.r.t. the actor through the RSSM only) and
+    the detached trajectory for the critic and the replay."""
     B, H = args.num_envs, args.horizon
-    state, ret = rollouts.state, 0.0
+    state = rollouts.state
+    reward_term, entropy_term = 0.0, 0.0
     feats, soft_rewards, rewards, entropies = [], [], [], []
-    chunk = ([to_uint8(rollouts.frames[:, -1])], [torch.zeros(B, 2, device=goal_e.device)], [rollouts.reward])
+    store = to_uint8 if rssm.image else (lambda obs: obs)  # the replay holds uint8 frames, or states
+    chunk = ([store(rollouts.obs)], [torch.zeros(B, 2, device=state["deter"].device)], [rollouts.reward])
     for h in range(H):
         feat = rssm.feat(state)  # l_h
         action, log_prob = actor(feat)  # a_h = pi(l_h)
-        if args.forward_model == "diamond":
-            past_actions = torch.cat([rollouts.actions, action.detach()[:, None]], 1)
-            next_frame = denoiser.sample(rollouts.frames, past_actions, args.wm_denoising_steps)  # o_{h+1} = f->(o_h, a_h)
-            with torch.no_grad():
-                embed = rssm.encode(next_frame / 2)
-            next_state = rssm.decoupled_step(state, action, embed)  # DMO: value of f->, gradient of f<-
-        else:  # "No Diffusion": the RSSM generates the trajectory too (plain backprop through its prior)
+        if args.forward_model == "rssm":  # "No Diffusion": the RSSM generates the trajectory too (backprop through it)
             next_state = rssm.img_step(state, action)
             with torch.no_grad():
-                next_frame = quantize(2 * rssm.decode(rssm.feat(next_state)))
-        with torch.no_grad():  # r_h = r(o_{h+1}), the global reward model
-            r = reward_model.reward(reward_model.embed(next_frame), rollouts.start_e, goal_e.expand_as(rollouts.start_e))
+                next_frame = next_obs = quantize(2 * rssm.decode(rssm.feat(next_state)))
+                r = rollouts.score(next_frame)
+        else:
+            next_frame, next_obs, r = rollouts.forward(action.detach())  # o_{h+1} = f->(o_h, a_h), r_h = r(o_{h+1})
+            with torch.no_grad():
+                embed = rssm.encode(rssm_input(rssm, next_obs))
+            next_state = rssm.decoupled_step(state, action, embed)  # DMO: value of f->, gradient of f<-
         r_hat = rssm.reward(rssm.feat(next_state))  # R_h = R_phi(l_{h+1})
         reward = r_hat + (r - r_hat).detach()  # total_reward += r_h - R_h: value of r, gradient of R_phi
         entropy = -log_prob
-        ret = ret + args.gamma**h * (reward + alpha * entropy)  # eq. (1)
+        bonus = alpha * scaled_entropy(entropy, args.target_entropy)
+        reward_term = reward_term + args.gamma**h * reward  # eq. (1), split in its terms
+        entropy_term = entropy_term + args.gamma**h * bonus
         feats.append(feat.detach())
-        soft_rewards.append((r + alpha * entropy).detach())
+        soft_rewards.append((r + bonus).detach())
         rewards.append(r)
         entropies.append(entropy.detach())
-        for buf, x in zip(chunk, (to_uint8(next_frame), action.detach(), r)):
+        for buf, x in zip(chunk, (store(next_obs), action.detach(), r)):
             buf.append(x)
-        rollouts.push(next_frame, action.detach())
+        rollouts.push(next_frame, next_obs, action.detach())
         state = next_state
     last_feat = rssm.feat(state)
-    ret = ret + args.gamma**H * critic.value(last_feat)  # eq. (1): bootstrap gamma^H V(s_H)
+    bootstrap_term = args.gamma**H * critic.value(last_feat)  # eq. (1): bootstrap gamma^H V(s_H)
     # rollouts continue from here at the next epoch, with the graph cut
-    rollouts.state, rollouts.reward, rollouts.t = {k: v.detach() for k, v in state.items()}, r, rollouts.t + H
+    rollouts.state, rollouts.reward = {k: v.detach() for k, v in state.items()}, r
     traj = {"feats": torch.stack(feats), "soft_rewards": torch.stack(soft_rewards), "rewards": torch.stack(rewards),
             "entropies": torch.stack(entropies), "last_feat": last_feat.detach(),
             "chunk": tuple(torch.stack(buf, 1) for buf in chunk)}
-    return -ret.mean() / H, traj
+    return (reward_term, entropy_term, bootstrap_term), traj
 
 
 def dmo_sapo(args, data, denoiser, reward_model, goal_e, rssm, rssm_opt, device, writer, run_dir):
@@ -1272,10 +1443,11 @@ def dmo_sapo(args, data, denoiser, reward_model, goal_e, rssm, rssm_opt, device,
                         rssm_opt=rssm_opt.state_dict(), actor_sched=actor_sched.state_dict(),
                         critic_sched=critic_sched.state_dict(), epoch=epoch, global_step=epoch * B * H)
 
-    finetune = not args.no_rssm_finetune and args.forward_model == "diamond"
+    finetune = not args.no_rssm_finetune and args.forward_model != "rssm"
     background = median_frame(data) if finetune else None  # for the fine-tuning's foreground weight
-    replay = Replay(min(args.replay_size, args.epochs * B * (H + 1)), H, args.img_size) if finetune else None
-    rollouts = Rollouts(args, data, rssm, reward_model, goal_e, device)
+    obs_shape, dtype = (rssm.cfg.obs_shape, torch.uint8) if rssm.image else (rssm.cfg.obs_shape, torch.float32)
+    replay = Replay(min(args.replay_size, args.epochs * B * (H + 1)), H, obs_shape, dtype) if finetune else None
+    rollouts = Rollouts(args, data, rssm, reward_model, goal_e, device, denoiser)
     progress = Progress("dmo_sapo", args.epochs, start_epoch)
     print(f"DMO-SAPO: {args.epochs} epochs of {B} rollouts x {H} steps in the {args.forward_model} forward model")
     for epoch in range(start_epoch, args.epochs):
@@ -1288,10 +1460,19 @@ def dmo_sapo(args, data, denoiser, reward_model, goal_e, rssm, rssm_opt, device,
             check_finite("RSSM fine-tuning loss", parts["loss"], epoch, path)
             for k, v in parts.items():
                 writer.add_scalar(f"rssm/finetune_{k}", v, epoch * B * H)
+        rollouts.restart_finished()  # new starts are filtered by the RSSM the policy is trained through
 
         # Actor and critic learning: one horizon in the global model, gradients through the local model
         alpha = log_alpha.exp().detach()
-        actor_loss, traj = imagine_horizon(args, actor, critic, rssm, denoiser, reward_model, goal_e, rollouts, alpha)
+        terms, traj = imagine_horizon(args, actor, critic, rssm, rollouts, alpha)
+        actor_loss = -sum(terms).mean() / H  # eq. (1), negated and divided by H
+        log_now = epoch == start_epoch or (epoch + 1) % 10 == 0
+        if log_now:  # the size of each term's gradient on the actor (reward path, entropy, bootstrap)
+            for name, term in zip(("reward", "entropy", "bootstrap"), terms):
+                grads = torch.autograd.grad(-term.mean() / H, list(actor.parameters()), retain_graph=True,
+                                            allow_unused=True)
+                norm = torch.sqrt(sum((g**2).sum() for g in grads if g is not None)).item()
+                writer.add_scalar(f"losses/actor_grad_{name}", norm, epoch * B * H)
         actor_opt.zero_grad()
         actor_loss.backward(inputs=list(actor.parameters()))
         actor_grad = nn.utils.clip_grad_norm_(actor.parameters(), args.max_grad_norm)
@@ -1312,7 +1493,7 @@ def dmo_sapo(args, data, denoiser, reward_model, goal_e, rssm, rssm_opt, device,
                 nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
                 critic_opt.step()
         entropy = traj["entropies"].mean()
-        alpha_loss = log_alpha.exp() * (entropy - args.target_entropy)  # learned temperature
+        alpha_loss = log_alpha.exp() * abs(args.target_entropy) * (entropy - args.target_entropy)  # SAPO's temperature
         alpha_opt.zero_grad()
         alpha_loss.backward()
         alpha_opt.step()
@@ -1321,7 +1502,6 @@ def dmo_sapo(args, data, denoiser, reward_model, goal_e, rssm, rssm_opt, device,
 
         if finetune:
             replay.add(*traj["chunk"])
-        rollouts.restart_finished()
 
         global_step = (epoch + 1) * B * H
         sps = B * H / (time.time() - t_epoch)
@@ -1334,10 +1514,8 @@ def dmo_sapo(args, data, denoiser, reward_model, goal_e, rssm, rssm_opt, device,
         quick_eval = args.eval_every and (epoch + 1) % args.eval_every == 0 and epoch + 1 < args.epochs
         if quick_eval:
             metrics, _, _ = evaluate(args, rssm, actor, args.eval_quick_episodes, args.eval_seed, device)
-            for k in ("success_rate", "mean_coverage", "mean_return", "mean_block_distance", "contact_fraction"):
-                writer.add_scalar(f"eval/{k}", metrics[k], global_step)
-            print(f"[eval] epoch {epoch + 1}: success {metrics['success_rate']:.2f}, coverage {metrics['mean_coverage']:.3f}, "
-                  f"T {metrics['mean_block_distance']:.0f} px from target, tool on the T {metrics['contact_fraction']:.2f}")
+            log_eval(writer, metrics, global_step)
+            print(f"[eval] epoch {epoch + 1}: {eval_line(metrics)}")
         # Exploit patching: the policy on the robot, DIAMOND fine-tuned on what it saw. The epoch's checkpoint comes
         # after it, so a run killed while patching patches again when resumed; one that patched skips it.
         patch_now = args.patch_every and (epoch + 1) % args.patch_every == 0 and epoch + 1 < args.epochs \
@@ -1380,6 +1558,10 @@ def parse_args(argv=None):
     if args.exploit_check_episodes > 0 and args.exploit_check_steps < args.wm_context + 4:
         raise RunError(f"exploit_check_steps ({args.exploit_check_steps}) must be at least wm_context + 4 "
                        f"({args.wm_context + 4})")
+    if args.local_obs == "state" and args.forward_model != "sim":
+        raise RunError("--local-obs state reads the simulator's state: it needs --forward-model sim")
+    if args.reward_source == "true" and args.forward_model != "sim":
+        raise RunError("--reward-source true scores the simulator's states: it needs --forward-model sim")
     if args.patch_every and args.forward_model != "diamond":
         raise RunError("--patch-every patches DIAMOND: it needs --forward-model diamond")
     if args.patch_every and args.patch_steps < args.wm_context + 1 + args.wm_ar_steps:
@@ -1423,17 +1605,28 @@ def run(args):
     print(f"run directory {run_dir} ({device})")
 
     data = load_play_data(args, device)
-    goal = to_float(torch.as_tensor(envs.pusht_goal_image(args.img_size), device=device).permute(2, 0, 1))
+    if args.forward_model == "sim" or args.reward_source == "true":
+        if data["state"] is None:
+            raise RunError(f"{play_data_path(args)}: the oracle (--forward-model sim, --reward-source true) needs the "
+                           f"simulator states of the play data (key 'state'), and this file has none")
+        # the task reward of arriving in each frame, for the RSSM's reward head
+        data["reward"] = torch.as_tensor(envs.task_rewards(args.env_id, data["state"])).to(device)
+    if args.local_obs == "state":
+        data["local"] = torch.as_tensor(envs.state_observation(data["state"]), device=device)
+    goal = to_float(torch.as_tensor(envs.goal_image(args.env_id, args.img_size), device=device).permute(2, 0, 1))
 
-    # Offline training of the diamond diffusion world model f-> and global reward world model r
-    denoiser = train_world_model(args, data, device, writer, run_dir).eval()
+    # Offline training of the diamond diffusion world model f-> and global reward world model r (the oracle's
+    # simulator and true reward stand in for them)
+    denoiser = None
+    if args.forward_model != "sim":
+        denoiser = train_world_model(args, data, device, writer, run_dir).eval().requires_grad_(False)
     if args.stop_after == "world_model":
         return None
-    videos = load_goal_videos(args, device) if args.reward_goal_videos > 0 or args.reward_video_path else None
-    reward_model = train_reward_model(args, data, goal, device, writer, run_dir, videos).eval()
-    for p in [*denoiser.parameters(), *reward_model.parameters()]:
-        p.requires_grad_(False)
-    goal_e = reward_model.embed(goal[None])
+    reward_model, goal_e = None, None
+    if args.reward_source == "model":
+        videos = load_goal_videos(args, device) if args.reward_goal_videos > 0 or args.reward_video_path else None
+        reward_model = train_reward_model(args, data, goal, device, writer, run_dir, videos).eval().requires_grad_(False)
+        goal_e = reward_model.embed(goal[None])
     if args.stop_after == "reward_model":
         return None
 
@@ -1441,7 +1634,7 @@ def run(args):
     rssm, rssm_opt = pretrain_rssm(args, data, reward_model, goal_e, device, writer, run_dir)
     if args.stop_after == "rssm":
         return None
-    if args.capture_video:
+    if args.capture_video and denoiser is not None:
         video, errors = imagined_vs_real(args, data, denoiser, rssm)
         envs.write_video(os.path.join(run_dir, "imagined_vs_real_pretrained.mp4"), video)
         writer.add_image("world_model/imagined_vs_real", np.concatenate(list(video[::2]), 0), 0, dataformats="HWC")
@@ -1454,7 +1647,7 @@ def run(args):
 
     # Zero-shot deployment in the simulator
     print(f"evaluating {args.eval_episodes} episodes in {args.env_id}")
-    keep = args.exploit_check_steps if args.exploit_check_episodes > 0 else 0
+    keep = args.exploit_check_steps if args.exploit_check_episodes > 0 and denoiser and reward_model else 0
     metrics, videos, trajectory = evaluate(args, rssm, actor, args.eval_episodes, args.eval_seed, device,
                                            record=3 if args.capture_video else 0, keep=keep)
     for i, video in enumerate(videos):
@@ -1473,15 +1666,14 @@ def run(args):
         if args.capture_video:
             image = real_vs_dreamed_image(frames[:k], dreamed, args.wm_context)
             writer.add_image("eval/real_vs_dreamed", to_uint8(image).cpu().numpy(), global_step)
-    if args.capture_video:
+    if args.capture_video and denoiser is not None:
         video, errors = imagined_vs_real(args, data, denoiser, rssm)
         envs.write_video(os.path.join(run_dir, "imagined_vs_real_final.mp4"), video)
         writer.add_scalar("rssm/open_loop_mse", errors["rssm"], global_step)
     result = {"env_id": args.env_id, **metrics, "global_step": global_step, "wall_time_s": wall_time()}
     if args.patch_every:
         result["patch_frames"] = patch_frames  # simulator frames of the patches, on top of the play data
-    for k in ("success_rate", "mean_coverage", "mean_return", "mean_block_distance", "contact_fraction"):
-        writer.add_scalar(f"eval/{k}", metrics[k], global_step)
+    log_eval(writer, metrics, global_step)
     with open(os.path.join(run_dir, "eval.json"), "w") as f:
         json.dump(result, f, indent=1)
     writer.close()

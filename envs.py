@@ -3,11 +3,14 @@ collectors that feed the world models, and the data-file format every script rea
 
     PushT-v0        gym-pusht's physics and coverage score, driven like the paper's Flexiv arm (§4.1.1):
                     action = the tool's planar velocity, 5 Hz, 64x64 RGB frames.
+    PushTReach-v0   the first rung of the same ladder: the same table, tool, renderer and actions, no T;
+                    the tool must reach a target disk (reward -distance / 100, success within 15 px).
+    PushTPuck-v0    the second rung: push a round puck onto a target disk (success at 90 % overlap).
     EgoPushCube-v0  a robot in a walled room pushes a cube into a goal net (stand-in for the Go2, §4.1.2):
                     action = body velocity command to a first-order low-level controller, 5 Hz,
                     64x64 ego-centric view (heading up, limited field of view), per-frame task labels.
 
-Both register with Gymnasium on import and put the true state in `info`. Command line:
+All register with Gymnasium on import and put the true state in `info`. Command line:
 
     python envs.py collect PushT-v0 --steps 500 --out /tmp/p.npz
     python envs.py collect EgoPushCube-v0 --steps 500 --out /tmp/d.npz --demos
@@ -81,12 +84,17 @@ class PushTEnv(gym.Env):
         super().reset(seed=seed)
         if options is not None and options.get("state") is not None:
             state = np.asarray(options["state"], dtype=np.float64)
-        else:  # gym-pusht's initial-state distribution
-            r = self.np_random
-            state = np.array([r.integers(50, 450), r.integers(50, 450), r.integers(100, 400),
-                              r.integers(100, 400), r.uniform(-np.pi, np.pi)], dtype=np.float64)
+        else:
+            state = self._initial_state(self.np_random)
         self._set_state(state)
         return self._render_frame(self.obs_size), self._info()
+
+    def _initial_state(self, r):  # gym-pusht's initial-state distribution
+        return np.array([r.integers(50, 450), r.integers(50, 450), r.integers(100, 400), r.integers(100, 400),
+                         r.uniform(-np.pi, np.pi)], dtype=np.float64)
+
+    def _reward(self, info):
+        return float(np.clip(info["coverage"] / self.sim.success_threshold, 0.0, 1.0))
 
     def step(self, action):
         sim = self.sim
@@ -99,8 +107,7 @@ class PushTEnv(gym.Env):
             sim.space.step(self.dt)
         sim.agent.velocity = (0.0, 0.0)
         info = self._info()
-        reward = float(np.clip(info["coverage"] / sim.success_threshold, 0.0, 1.0))
-        return self._render_frame(self.obs_size), reward, info["is_success"], False, info
+        return self._render_frame(self.obs_size), self._reward(info), info["is_success"], False, info
 
     def _info(self):
         sim = self.sim
@@ -109,6 +116,7 @@ class PushTEnv(gym.Env):
         return {
             "state": self.state,
             "coverage": coverage,
+            "distance": pusht_block_distance(self.state),
             "is_success": bool(coverage > sim.success_threshold),
             "contact": any(q.shape.body is sim.block for q in touching),
         }
@@ -120,9 +128,24 @@ class PushTEnv(gym.Env):
         return np.array([a.x, a.y, b.x, b.y, self.sim.block.angle % (2 * np.pi)], dtype=np.float32)
 
     def _render_frame(self, size):
+        """The observation: drawn at 64x64 and area-resized to `size` (envs.resize_frame), the one rendering path of
+        every frame a model sees (data files hold 64x64 frames that the scripts area-resize the same way)."""
+        return resize_frame(self._draw(FRAME_SIZE), size)
+
+    def _draw(self, size):
         # The scene gym-pusht draws with pygame, drawn with OpenCV at 2x and area-downsampled (10x faster).
         sim, s, shift = self.sim, 2 * size / 512, 4
         img = np.full((2 * size, 2 * size, 3), PUSHT_COLORS["background"], np.uint8)
+        wall = max(1, round(4 * s))
+        cv2.rectangle(img, (round(5 * s), round(5 * s)), (round(506 * s), round(506 * s)), PUSHT_COLORS["wall"], wall)
+        self._draw_task(img, s, shift)
+        center = np.round(np.array(sim.agent.position) * s * 2**shift).astype(int)
+        cv2.circle(img, tuple(center), round(15 * s * 2**shift), PUSHT_COLORS["agent"], -1, cv2.LINE_AA, shift)
+        return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+
+    def _draw_task(self, img, s, shift):
+        """The goal T in green, then the T."""
+        sim = self.sim
 
         def fill(body, color):
             # the T's two boxes in a fixed order: body.shapes is a set, and the anti-aliased seam where the boxes
@@ -131,16 +154,115 @@ class PushTEnv(gym.Env):
                 pts = np.array([body.local_to_world(v) for v in shape.get_vertices()]) * s
                 cv2.fillPoly(img, [np.round(pts * 2**shift).astype(np.int32)], color, cv2.LINE_AA, shift)
 
-        wall = max(1, round(4 * s))
-        cv2.rectangle(img, (round(5 * s), round(5 * s)), (round(506 * s), round(506 * s)), PUSHT_COLORS["wall"], wall)
         fill(sim.get_goal_pose_body(self.goal_pose), PUSHT_COLORS["goal"])
         fill(sim.block, PUSHT_COLORS["block"])
-        center = np.round(np.array(sim.agent.position) * s * 2**shift).astype(int)
-        cv2.circle(img, tuple(center), round(15 * s * 2**shift), PUSHT_COLORS["agent"], -1, cv2.LINE_AA, shift)
-        return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
 
     def render(self):
-        return self._render_frame(256)
+        return self._draw(256)
+
+
+FRAME_SIZE = 64  # every simulator frame is drawn at this size; models see it area-resized (resize_frame)
+
+
+def resize_frame(frame: np.ndarray, size: int) -> np.ndarray:
+    """A uint8 (H, W, 3) frame area-resized to (size, size, 3): the one way frames change resolution, at collection,
+    in a script's data loading, at evaluation and for the goal image."""
+    if frame.shape[0] == size and frame.shape[1] == size:
+        return frame
+    return cv2.resize(frame, (size, size), interpolation=cv2.INTER_AREA)
+
+
+class PushTReachEnv(PushTEnv):
+    """The first rung of the Push-T ladder (DESIGN.md): PushT-v0's table, tool, renderer, 5 Hz velocity actions and
+    frames without the T; the tool must reach a target disk drawn at the table's centre (in the goal's green, the
+    tool's size). Reward -distance / 100 (px of the 512 px table); success, which ends the episode, when the tool's
+    centre is within `success_distance` px of the target's."""
+
+    target = np.array([256.0, 256.0])
+    success_distance = 15.0  # the tool's radius
+
+    def _set_state(self, state):
+        sim = self.sim
+        sim._setup()
+        sim.space.remove(sim.block, *sim.block.shapes)  # no object on this rung
+        sim.agent.position = tuple(state[:2])
+        sim.space.step(self.dt)
+
+    def _initial_state(self, r):
+        return np.array([r.integers(50, 450), r.integers(50, 450)], dtype=np.float64)
+
+    def _reward(self, info):
+        return -info["distance"] / 100.0
+
+    def _info(self):
+        distance = float(np.linalg.norm(self.state - self.target))
+        return {"state": self.state, "distance": distance, "is_success": distance < self.success_distance,
+                "contact": False}
+
+    @property
+    def state(self):
+        """(tool x, tool y) in gym-pusht's pixel units."""
+        a = self.sim.agent.position
+        return np.array([a.x, a.y], dtype=np.float32)
+
+    def _draw_task(self, img, s, shift):
+        center = np.round(self.target * s * 2**shift).astype(int)
+        cv2.circle(img, tuple(center), round(15 * s * 2**shift), PUSHT_COLORS["goal"], -1, cv2.LINE_AA, shift)
+
+
+class PushTPuckEnv(PushTReachEnv):
+    """The second rung of the Push-T ladder: a round puck instead of the T (no orientation), pushed by the same tool
+    onto a target disk of the puck's size at the table's centre. Coverage is the overlap of the puck with the
+    target; reward coverage / 0.9 clipped to 1, success (which ends the episode) above 0.9, as gym-pusht scores
+    the T (0.95 there)."""
+
+    puck_radius, success_coverage = 40.0, 0.9
+
+    def _set_state(self, state):
+        sim = self.sim
+        sim._setup()
+        sim.space.remove(sim.block, *sim.block.shapes)
+        body = pymunk.Body(1.0, pymunk.moment_for_circle(1.0, 0, self.puck_radius))
+        shape = pymunk.Circle(body, self.puck_radius)
+        body.position, body.friction = tuple(state[2:4]), 1
+        sim.space.add(body, shape)
+        sim.block = body  # gym-pusht's name for the object: contact and play strokes read it
+        sim.agent.position = tuple(state[:2])
+        sim.space.step(self.dt)
+
+    def _initial_state(self, r):
+        return np.array([r.integers(50, 450), r.integers(50, 450), r.integers(100, 400), r.integers(100, 400)],
+                        dtype=np.float64)
+
+    def step(self, action):
+        out = super().step(action)
+        self.sim.block.velocity, self.sim.block.angular_velocity = (0.0, 0.0), 0.0  # quasi-static, as the T
+        return out
+
+    def _reward(self, info):
+        return float(np.clip(info["coverage"] / self.success_coverage, 0.0, 1.0))
+
+    def _info(self):
+        sim = self.sim
+        distance = float(np.linalg.norm(np.array(sim.block.position) - self.target))
+        r = self.puck_radius  # overlap of two discs of radius r at this distance, over one disc's area
+        coverage = 0.0 if distance >= 2 * r else (2 * r * r * math.acos(distance / (2 * r))
+                                                   - distance / 2 * math.sqrt(4 * r * r - distance**2)) / (math.pi * r * r)
+        touching = sim.space.shape_query(next(iter(sim.agent.shapes)))
+        return {"state": self.state, "coverage": coverage, "distance": distance,
+                "is_success": coverage > self.success_coverage,
+                "contact": any(q.shape.body is sim.block for q in touching)}
+
+    @property
+    def state(self):
+        """(tool x, tool y, puck x, puck y) in gym-pusht's pixel units."""
+        a, b = self.sim.agent.position, self.sim.block.position
+        return np.array([a.x, a.y, b.x, b.y], dtype=np.float32)
+
+    def _draw_task(self, img, s, shift):
+        for xy, colour in ((self.target, PUSHT_COLORS["goal"]), (np.array(self.sim.block.position), PUSHT_COLORS["block"])):
+            center = np.round(xy * s * 2**shift).astype(int)
+            cv2.circle(img, tuple(center), round(self.puck_radius * s * 2**shift), colour, -1, cv2.LINE_AA, shift)
 
 
 def pusht_block_distance(state) -> float:
@@ -155,6 +277,63 @@ def pusht_goal_image(size: int = 64, agent_xy=(256.0, 400.0)) -> np.ndarray:
     obs, info = env.reset(options={"state": [*agent_xy, *PushTEnv.goal_pose]})
     assert info["coverage"] > 0.99, f"goal image has coverage {info['coverage']:.3f}"
     return obs
+
+
+def goal_image(env_id: str, size: int = 64) -> np.ndarray:
+    """The goal frame of a Push-T ladder task: the T at its target (PushT-v0), the tool on the target (PushTReach-v0)."""
+    if env_id == "PushTReach-v0":
+        return PushTReachEnv(obs_size=size).reset(options={"state": PushTReachEnv.target})[0]
+    if env_id == "PushTPuck-v0":
+        return PushTPuckEnv(obs_size=size).reset(options={"state": [256.0, 400.0, *PushTPuckEnv.target]})[0]
+    return pusht_goal_image(size)
+
+
+def goal_start_state(env_id: str, rng: np.random.Generator) -> np.ndarray:
+    """A state at the goal from which play moves away (goal videos): the T on its target and the tool 90-150 px
+    from it (PushT-v0), the tool on the target (PushTReach-v0)."""
+    if env_id == "PushTReach-v0":
+        return PushTReachEnv.target.copy()
+    angle, radius = rng.uniform(0, 2 * np.pi), rng.uniform(90, 150)
+    if env_id == "PushTPuck-v0":
+        return np.array([*(PushTPuckEnv.target + radius * np.array([np.cos(angle), np.sin(angle)])), *PushTPuckEnv.target])
+    angle, radius = rng.uniform(0, 2 * np.pi), rng.uniform(90, 150)
+    tool = np.array([256.0, 256.0]) + radius * np.array([np.cos(angle), np.sin(angle)])
+    return np.array([*tool, *PushTEnv.goal_pose])
+
+
+def task_rewards(env_id: str, states: np.ndarray) -> np.ndarray:
+    """The simulator's reward for arriving in each of the (N, S) states: what an oracle reward head learns."""
+    env = gym.make(env_id).unwrapped
+    return np.array([env._reward(env.reset(options={"state": s})[1]) for s in states], np.float32)
+
+
+def state_observation(states: np.ndarray) -> np.ndarray:
+    """A Push-T ladder state (..., S) as a vector observation in about [-1, 1]: positions / 256 - 1, the T's angle
+    / pi - 1. What a state-based local model sees (the original DMO paper's setting)."""
+    states = np.asarray(states, np.float32)
+    scale = np.array([256.0, 256.0, 256.0, 256.0, np.pi], np.float32)[: states.shape[-1]]  # reach 2, puck 4, T 5
+    return states / scale - 1.0
+
+
+def reach_play_policy(env: PushTReachEnv, rng: np.random.Generator):
+    """High-entropy play without an object: smooth random motions (Ornstein-Uhlenbeck noise) mixed with strokes
+    toward random points of the table, so the tool visits all of it at every speed."""
+    noise, target, steps_left = np.zeros(2), None, 0
+
+    def act(obs, info):
+        nonlocal noise, target, steps_left
+        if steps_left <= 0:  # new stroke
+            steps_left = int(rng.integers(3, 12))
+            target = rng.uniform(40, 472, 2) if rng.random() < 0.6 else None
+        steps_left -= 1
+        noise = 0.7 * noise + 0.5 * rng.normal(size=2)
+        if target is None:
+            return np.clip(noise, -1, 1).astype(np.float32)
+        return np.clip((target - info["state"][:2]) / rng.uniform(40, 120) + 0.3 * noise, -1, 1).astype(np.float32)
+
+    return act
+
+
 
 
 def pusht_play_policy(env: PushTEnv, rng: np.random.Generator):
@@ -180,20 +359,22 @@ def pusht_play_policy(env: PushTEnv, rng: np.random.Generator):
     return act
 
 
-def pusht_goal_videos(episodes: int, length: int = 64, seed: int = 0, obs_size: int = 64) -> dict:
-    """Videos that end with the T at its goal pose, for the reward model (ALGORITHMS.md §4 trains it on
-    play "and optional demonstration video"). Nothing here solves Push-T: each episode starts with the T
-    at the goal and the tool 90-150 px away, play pushes the T off, and the frames are stored backward
-    in time. With a real robot: put the T on its target, play, record, reverse. Actions are zero (a
-    reversed push is no transition of the physics), so these files train the reward model only."""
-    env = PushTEnv(obs_size=obs_size)
+PLAY_POLICIES = {"PushT-v0": pusht_play_policy, "PushTReach-v0": reach_play_policy, "PushTPuck-v0": pusht_play_policy}
+
+
+def pusht_goal_videos(episodes: int, length: int = 64, seed: int = 0, obs_size: int = 64,
+                      env_id: str = "PushT-v0") -> dict:
+    """Videos that end at the goal, for the reward model (ALGORITHMS.md §4 trains it on play "and optional
+    demonstration video"). Nothing here solves the task: each episode starts at the goal (`goal_start_state`),
+    play moves away from it, and the frames are stored backward in time. With a real robot: put the T on its
+    target, play, record, reverse. Actions are zero (a reversed push is no transition of the physics), so these
+    files train the reward model only."""
+    env = gym.make(env_id, obs_size=obs_size).unwrapped
     rng = np.random.default_rng(seed)
     obs_eps, state_eps = [], []
     for _ in range(episodes):
-        angle, radius = rng.uniform(0, 2 * np.pi), rng.uniform(90, 150)
-        tool = np.array([256.0, 256.0]) + radius * np.array([np.cos(angle), np.sin(angle)])
-        obs, info = env.reset(options={"state": [*tool, *PushTEnv.goal_pose]})
-        policy = pusht_play_policy(env, rng)
+        obs, info = env.reset(options={"state": goal_start_state(env_id, rng)})
+        policy = PLAY_POLICIES[env_id](env, rng)
         frames, states = [obs], [info["state"]]
         while len(frames) < length:
             obs, _, _, _, info = env.step(policy(obs, info))
@@ -206,7 +387,7 @@ def pusht_goal_videos(episodes: int, length: int = 64, seed: int = 0, obs_size: 
         "obs": np.concatenate(obs_eps), "action": np.zeros((n, 2), np.float32),
         "is_first": np.arange(n) % length == 0, "is_demo": np.ones(n, bool),
         "state": np.concatenate(state_eps).astype(np.float32),
-        "env_id": np.array("PushT-v0"), "control_hz": np.array(CONTROL_HZ), "format_version": np.array(FORMAT_VERSION),
+        "env_id": np.array(env_id), "control_hz": np.array(CONTROL_HZ), "format_version": np.array(FORMAT_VERSION),
     }
 
 
@@ -463,6 +644,8 @@ def push_cube_metrics(robot_poses: np.ndarray) -> dict:
 
 
 gym.register("PushT-v0", entry_point=PushTEnv, max_episode_steps=200)
+gym.register("PushTReach-v0", entry_point=PushTReachEnv, max_episode_steps=50)
+gym.register("PushTPuck-v0", entry_point=PushTPuckEnv, max_episode_steps=100)
 gym.register("EgoPushCube-v0", entry_point=EgoPushCubeEnv, max_episode_steps=200)
 
 
@@ -567,7 +750,7 @@ def collect(env_id: str, steps: int, seed: int = 0, demo_fraction: float = 0.0, 
         raise ValueError(f"no scripted demonstrator for {env_id}; demonstrations exist for EgoPushCube-v0")
     env = gym.make(env_id)
     rng = np.random.default_rng(seed)
-    play = pusht_play_policy if env_id == "PushT-v0" else push_cube_play_policy
+    play = PLAY_POLICIES.get(env_id, push_cube_play_policy)
     episodes, is_demo, demo_stats = [], [], [0, 0]
     n = demo_n = 0
     while n < steps:
@@ -639,7 +822,7 @@ class Collect:
     """Collect play data (or demonstrations) from a simulator into a data file."""
 
     env_id: Annotated[str, tyro.conf.Positional]
-    """PushT-v0 or EgoPushCube-v0"""
+    """PushT-v0, PushTReach-v0 or EgoPushCube-v0"""
     steps: int = 10_000
     """number of frames to record"""
     out: str = "data/play.npz"
@@ -651,7 +834,7 @@ class Collect:
     seed: int = 0
     """seed of the policies and of the episodes' initial states"""
     goal_videos: bool = False
-    """PushT-v0: record videos that end at the goal (play from the goal, reversed) for the reward model;
+    """PushT-v0, PushTReach-v0: record videos that end at the goal (play from the goal, reversed) for the reward model;
     --steps frames in episodes of 64"""
 
 
@@ -669,15 +852,15 @@ def main(argv=None) -> int:
         if isinstance(cmd, Check):
             print(summarize(load_dataset(cmd.path)))
             return 0
-        if cmd.env_id not in ("PushT-v0", "EgoPushCube-v0"):
-            raise ValueError(f"unknown env_id {cmd.env_id!r} (PushT-v0 or EgoPushCube-v0)")
-        if cmd.goal_videos and cmd.env_id != "PushT-v0":
-            raise ValueError("--goal-videos exists for PushT-v0 only")
+        if cmd.env_id not in ("PushT-v0", "PushTReach-v0", "PushTPuck-v0", "EgoPushCube-v0"):
+            raise ValueError(f"unknown env_id {cmd.env_id!r} (PushT-v0, PushTReach-v0, PushTPuck-v0 or EgoPushCube-v0)")
+        if cmd.goal_videos and cmd.env_id not in PLAY_POLICIES:
+            raise ValueError("--goal-videos exists for the Push-T ladder (PushT-v0, PushTReach-v0, PushTPuck-v0) only")
         fraction = 1.0 if cmd.demos else cmd.demo_fraction
         if fraction < 0:
             fraction = 0.25 if cmd.env_id == "EgoPushCube-v0" else 0.0
         if cmd.goal_videos:
-            data = pusht_goal_videos(max(1, cmd.steps // 64), seed=cmd.seed)
+            data = pusht_goal_videos(max(1, cmd.steps // 64), seed=cmd.seed, env_id=cmd.env_id)
         else:
             data = collect(cmd.env_id, cmd.steps, cmd.seed, fraction)
         save_dataset(cmd.out, data)

@@ -57,8 +57,8 @@ class Args:
     # Environment
     env: Literal["world-model", "sim"] = "world-model"
     """where PPO collects experience: inside the global world model, or in the simulator (true reward)"""
-    env_id: str = "PushT-v0"
-    """the simulator of --env sim and of the evaluation"""
+    env_id: Literal["PushT-v0", "PushTReach-v0", "PushTPuck-v0"] = "PushT-v0"
+    """the task (a rung of the Push-T ladder, envs.py): the simulator of --env sim and of the evaluation"""
     img_size: int = 32
     """frame resolution in --env sim (--env world-model uses its checkpoint's; the paper: 64)"""
     frame_stack: int = 4
@@ -70,7 +70,8 @@ class Args:
     wm_denoising_steps: int = 3
     """Euler steps of the DIAMOND sampler (Table 4: 3)"""
     data_dir: str = "data"
-    """--env world-model: episodes start from play data at {data_dir}/{env_id}_play.npz (collected when missing)"""
+    """--env world-model: episodes start from play data at {data_dir}/{env_id}_play_{play_steps}.npz (collected when
+    missing)"""
     data_path: Optional[str] = None
     """--env world-model: any play-data file of the format in README; overrides data_dir"""
     play_steps: int = 30_000
@@ -157,7 +158,7 @@ class DiamondWorld:
         self.reward_model.load_state_dict(rm["model"])
         for model in (self.denoiser, self.reward_model):
             model.to(device).eval().requires_grad_(False)
-        goal = torch.as_tensor(envs.pusht_goal_image(self.img_size), device=device).permute(2, 0, 1)
+        goal = torch.as_tensor(envs.goal_image(args.env_id, self.img_size), device=device).permute(2, 0, 1)
         self.goal_e = self.reward_model.embed(dmo.to_float(goal)[None])  # s_goal
 
     @torch.no_grad()
@@ -239,7 +240,7 @@ class Simulator:
             final_obs[i, -1] = torch.as_tensor(frame).permute(2, 0, 1)
             self.episode_return[i] += reward[i]
             if terminated[i] or truncated[i]:
-                self.finished.append({"return": self.episode_return[i], "coverage": self.infos[i]["coverage"]})
+                self.finished.append({"return": self.episode_return[i], "final_distance": self.infos[i]["distance"]})
                 self.episode_return[i] = 0.0
                 self.obs[i] = self.first(sim.reset()[0])
             else:
@@ -320,29 +321,28 @@ def evaluate(args, agent, episodes, seed, device, record=0):
     sim = Simulator(args, episodes, seed, device)
     alive, returns = np.ones(episodes, bool), np.zeros(episodes)
     coverage, success = np.zeros(episodes), np.zeros(episodes, bool)
-    block_distance, contact_steps, steps = np.zeros(episodes), np.zeros(episodes), np.zeros(episodes)
+    distance, contact_steps, steps = np.zeros(episodes), np.zeros(episodes), np.zeros(episodes)
     videos = [[sim.sims[i].unwrapped.render()] for i in range(min(record, episodes))]
     obs = sim.obs
     while alive.any():
         obs, reward, terminated, truncated, _ = sim.step(agent.act(obs))
         for i in np.flatnonzero(alive):  # ended episodes restart in Simulator; only the first counts
             returns[i] += reward[i].item()
-            coverage[i], success[i] = sim.infos[i]["coverage"], sim.infos[i]["is_success"]
-            block_distance[i] = envs.pusht_block_distance(sim.infos[i]["state"])
+            coverage[i], success[i] = sim.infos[i].get("coverage", 0.0), sim.infos[i]["is_success"]
+            distance[i] = sim.infos[i]["distance"]
             contact_steps[i] += sim.infos[i]["contact"]
             steps[i] += 1
             alive[i] = not (terminated[i] or truncated[i])
             if i < len(videos) and alive[i]:
                 videos[i].append(sim.sims[i].unwrapped.render())
     metrics = {"episodes": episodes, "successes": int(success.sum()), "success_rate": float(success.mean()),
-               "mean_return": float(returns.mean()), "mean_coverage": float(coverage.mean()),
-               "mean_block_distance": float(block_distance.mean()), "contact_fraction": float((contact_steps / steps).mean())}
+               "mean_return": float(returns.mean()), "mean_final_distance": float(distance.mean()),
+               "contact_fraction": float((contact_steps / steps).mean())}
+    if args.env_id != "PushTReach-v0":
+        metrics["mean_coverage"] = float(coverage.mean())
     return metrics, videos
 
 
-def log_eval(writer, metrics, global_step):
-    for k in ("success_rate", "mean_coverage", "mean_return", "mean_block_distance", "contact_fraction"):
-        writer.add_scalar(f"eval/{k}", metrics[k], global_step)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -468,10 +468,8 @@ def ppo(args, env, device, writer, run_dir):
         progress(iteration, reward=mean_r, entropy=entropy_loss.item(), SPS=sps)
         if args.eval_every and (iteration + 1) % args.eval_every == 0 and iteration + 1 < num_iterations:
             metrics, _ = evaluate(args, agent, args.eval_quick_episodes, args.eval_seed, device)  # uses no RNG
-            log_eval(writer, metrics, global_step)
-            print(f"[eval] {global_step:,} samples: success {metrics['success_rate']:.2f}, coverage "
-                  f"{metrics['mean_coverage']:.3f}, T {metrics['mean_block_distance']:.0f} px from target, "
-                  f"tool on the T {metrics['contact_fraction']:.2f}")
+            dmo.log_eval(writer, metrics, global_step)
+            print(f"[eval] {global_step:,} samples: {dmo.eval_line(metrics)}")
         if (iteration + 1) % args.save_every == 0:
             save(iteration + 1)
     save(num_iterations)
@@ -522,7 +520,7 @@ def run(args):
     for i, frames in enumerate(videos):
         envs.write_video(os.path.join(run_dir, f"eval_episode_{i}.mp4"), frames, scale=1)
     result = {"env_id": args.env_id, **metrics, "global_step": global_step, "wall_time_s": dmo.wall_time()}
-    log_eval(writer, metrics, global_step)
+    dmo.log_eval(writer, metrics, global_step)
     with open(os.path.join(run_dir, "eval.json"), "w") as f:
         json.dump(result, f, indent=1)
     writer.close()

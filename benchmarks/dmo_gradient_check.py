@@ -1,4 +1,13 @@
-"""Is DMO's gradient worth following? For a run of dmo_sapo_diamond.py, from play-data windows, with random action
+"""Is DMO's gradient worth following? Two checks of a dmo_sapo_diamond.py run's local model.
+
+The gate (dmo.action_gradient_gate, also printed by the script after RSSM pretraining): from play states, the
+RSSM's one-step action gradient d R_phi(l') / d a through the decoupled step against the simulator's true reward
+gradient (central differences of the simulator reset to the recorded state): mean cosine (the gate: >= 0.5),
+the share of states where it points the right way, its size against the true one, the cosine by distance to the
+target. On Push-T the true reward has no gradient until the tool meets the T, so the gate speaks for the reach
+rung (and the other rungs where the reward is dense).
+
+The DIAMOND check: from play-data windows, with random action
 sequences of `horizon` steps, J(A) = sum_h r(o_{h+1}) is the global reward of the frames DIAMOND generates (fixed
 sampler noise, so J is a deterministic function of the actions). DMO's gradient of J is that of sum_h R_phi(l_{h+1})
 through the RSSM's prior along those frames (rssm.decoupled_step, as in the script). Two measurements:
@@ -10,6 +19,7 @@ through the RSSM's prior along those frames (rssm.decoupled_step, as in the scri
    directions; r per step in DIAMOND before and after. Following a useful gradient raises r, its negation lowers it.
 
     python benchmarks/dmo_gradient_check.py --runs runs/PushT-v0__dmo_sapo_diamond__1__TIME [--finetuned]
+    python benchmarks/dmo_gradient_check.py --gate-only --runs runs/PushTReach-v0__dmo_sapo_diamond__1__TIME
 """
 
 import dataclasses
@@ -48,24 +58,31 @@ class Args:
     """Adam learning rate on the actions"""
     seed: int = 0
     """seed of the starts, the actions, the directions and DIAMOND's sampler noise"""
+    gate_states: int = 512
+    """play states of the gate"""
+    gate_only: bool = False
+    """print the gate only (runs of the oracle, --forward-model sim, have no DIAMOND to check)"""
 
 
-def load(run, finetuned, patched=None):
+def load(run, finetuned, patched=None, diamond=True):
     """A run's args, play data, DIAMOND (as patched, if the run patched it and `patched`, default `finetuned`), r and
-    RSSM (as fine-tuned in agent.pt with `finetuned`, else as pretrained)."""
+    RSSM (as fine-tuned in agent.pt with `finetuned`, else as pretrained). Without `diamond`: no DIAMOND, no r."""
     with open(os.path.join(run, "args.json")) as f:
         saved = json.load(f)
-    args = dmo.Args(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(dmo.Args)}})
+    args = dmo.Args(**{k: tuple(v) if k == "betas" else v for k, v in saved.items()
+                       if k in {f.name for f in dataclasses.fields(dmo.Args)}})
     device = torch.device("cpu")
     data = dmo.load_play_data(args, device)
-    denoiser = dmo.Denoiser(2, args.wm_context, args.wm_channels, args.wm_depths, args.wm_cond_channels).eval()
-    patched_path = os.path.join(run, "world_model_patched.pt")
-    use_patched = finetuned if patched is None else patched
-    wm = patched_path if use_patched and os.path.exists(patched_path) else args.wm_checkpoint or os.path.join(run, "world_model.pt")
-    denoiser.load_state_dict(dmo.load_checkpoint(wm, "world_model")["model"])
-    reward_model = dmo.RewardModel(args.img_size).eval()
-    reward_model.load_state_dict(dmo.load_checkpoint(args.reward_checkpoint or os.path.join(run, "reward_model.pt"),
-                                                     "reward_model")["model"])
+    denoiser = reward_model = None
+    if diamond:
+        denoiser = dmo.Denoiser(2, args.wm_context, args.wm_channels, args.wm_depths, args.wm_cond_channels).eval()
+        patched_path = os.path.join(run, "world_model_patched.pt")
+        use_patched = finetuned if patched is None else patched
+        wm = patched_path if use_patched and os.path.exists(patched_path) else args.wm_checkpoint or os.path.join(run, "world_model.pt")
+        denoiser.load_state_dict(dmo.load_checkpoint(wm, "world_model")["model"])
+        reward_model = dmo.RewardModel(args.img_size).eval()
+        reward_model.load_state_dict(dmo.load_checkpoint(args.reward_checkpoint or os.path.join(run, "reward_model.pt"),
+                                                         "reward_model")["model"])
     cfg = dmo.RSSMConfig.preset(args.rssm_size, obs_shape=(3, args.img_size, args.img_size), action_dim=2,
                                 recon_scale=args.rssm_recon_scale)
     rssm = dmo.RSSM(cfg).eval()
@@ -73,7 +90,7 @@ def load(run, finetuned, patched=None):
         rssm.load_state_dict(dmo.load_checkpoint(os.path.join(run, "agent.pt"), "agent")["rssm"])
     else:
         rssm.load_state_dict(dmo.load_checkpoint(args.rssm_checkpoint or os.path.join(run, "rssm.pt"), "rssm")["model"])
-    for p in [*denoiser.parameters(), *reward_model.parameters(), *rssm.parameters()]:
+    for p in [*rssm.parameters(), *(denoiser.parameters() if diamond else []), *(reward_model.parameters() if diamond else [])]:
         p.requires_grad_(False)
     return args, data, denoiser, reward_model, rssm
 
@@ -81,7 +98,7 @@ def load(run, finetuned, patched=None):
 def check(run, a):
     args, data, denoiser, reward_model, rssm = load(run, a.finetuned)
     torch.manual_seed(a.seed)
-    goal = dmo.to_float(torch.as_tensor(envs.pusht_goal_image(args.img_size)).permute(2, 0, 1))
+    goal = dmo.to_float(torch.as_tensor(envs.goal_image(args.env_id, args.img_size)).permute(2, 0, 1))
     goal_e = reward_model.embed(goal[None])
     args.num_envs = a.rollouts
     start = dmo.Rollouts(args, data, rssm, reward_model, goal_e, torch.device("cpu"))  # frames, actions, RSSM state
@@ -144,7 +161,25 @@ def check(run, a):
     return corr, sign, smooth, ascent
 
 
+def gate(run, a):
+    args, data, _, _, rssm = load(run, a.finetuned, diamond=False)
+    if data["state"] is None:
+        raise SystemExit(f"error: {run}'s play data has no simulator states: the gate needs them")
+    return dmo.action_gradient_gate(args, data, rssm, n=a.gate_states, seed=a.seed)
+
+
 def main(a):
+    print(f"gate: {a.gate_states} play states, random actions, RSSM {'fine-tuned' if a.finetuned else 'pretrained'}; "
+          f"it passes at a mean cosine of {dmo.GATE_COSINE}")
+    print("| run | cosine with the true gradient | right way | size vs true | cosine by distance to the target |")
+    print("| --- | --- | --- | --- | --- |")
+    for run in a.runs:
+        g = gate(run, a)
+        bins = ", ".join(f"{lo:.0f}-{hi:.0f} px {c:+.2f}" for lo, hi, c in g["by_distance"])
+        print(f"| {os.path.basename(run.rstrip('/'))} | {g['cosine']:+.3f} | {g['positive']:.0%} of {g['states']} | "
+              f"{g['size_ratio']:.2f}x | {bins} |")
+    if a.gate_only:
+        return
     print(f"rollouts {a.rollouts}, horizon {a.horizon}, eps {a.eps}, {a.directions} directions each; open-loop "
           f"ascent {a.ascent_steps} Adam steps at lr {a.ascent_lr}; RSSM {'fine-tuned' if a.finetuned else 'pretrained'}")
     print("| run | corr(DMO g.d, central difference) | same sign | central difference eps vs eps/3 "

@@ -87,7 +87,7 @@ def measure(size, method, batch, horizon, cuda):
     data = {"obs": torch.randint(0, 256, (64, 3, S, S), dtype=torch.uint8, device=device),
             "action": torch.rand(64, 2, device=device) * 2 - 1, "is_first": torch.zeros(64, dtype=torch.bool),
             "episode": torch.zeros(64, dtype=torch.long)}
-    rollouts = dmo.Rollouts(args, data, rssm, reward_model, goal_e, device)
+    rollouts = dmo.Rollouts(args, data, rssm, reward_model, goal_e, device, denoiser)
     alpha = torch.tensor(0.1, device=device)
     if cuda:
         torch.cuda.synchronize()
@@ -95,7 +95,8 @@ def measure(size, method, batch, horizon, cuda):
     base = torch.cuda.memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.perf_counter()
     if method == "dmo":
-        loss, _ = dmo.imagine_horizon(args, actor, critic, rssm, denoiser, reward_model, goal_e, rollouts, alpha)
+        terms, _ = dmo.imagine_horizon(args, actor, critic, rssm, rollouts, alpha)
+        loss = -sum(terms).mean() / args.horizon
     else:
         loss = bptt_actor_loss(args, actor, critic, rssm, denoiser, reward_model, goal_e, rollouts, alpha)
     t1 = time.perf_counter()

@@ -198,7 +198,7 @@ def main(a):
             r_real, m = in_simulator(subject, policy, a)
             cells = " | ".join(f"{x:.3f} / {y:.3f}" for x, y in windows.values())
             print(f"| {os.path.basename(run.rstrip('/'))} | {name} | {cells} | {r_real:.3f} | {m['mean_coverage']:.3f} "
-                  f"| {m['successes']} / {a.episodes} | {m['mean_block_distance']:.1f} | {m['contact_fraction']:.3f} |",
+                  f"| {m['successes']} / {a.episodes} | {m['mean_final_distance']:.1f} | {m['contact_fraction']:.3f} |",
                   flush=True)
 
 

@@ -1,7 +1,8 @@
-"""The floor every learned policy is compared with: uniform random actions in the simulators, evaluated on the
-same seeds as the training scripts' final evaluation (their `eval_seed`, 1_000_000 on).
+"""The floors every learned policy is compared with: uniform random actions and zero actions (standing still) in
+the simulators, on the same seeds as the training scripts' final evaluation (their `eval_seed`, 1_000_000 on), and
+on `--sets` further disjoint sets of seeds to show the spread of a 50-episode evaluation.
 
-    python benchmarks/random_policy.py --episodes 50
+    python benchmarks/random_policy.py --episodes 50 --sets 3
 """
 
 import dataclasses
@@ -19,28 +20,43 @@ import envs  # noqa: E402,F401  (registers the environments)
 @dataclasses.dataclass
 class Args:
     episodes: int = 50
-    """evaluation episodes per environment"""
+    """evaluation episodes per set"""
+    sets: int = 3
+    """sets of seeds: eval_seed + k * episodes, ... for k = 0 .. sets - 1 (k = 0: the scripts' evaluation seeds)"""
     eval_seed: int = 1_000_000
     """first evaluation seed"""
+    env_ids: tuple[str, ...] = ("PushTReach-v0", "PushTPuck-v0", "PushT-v0", "EgoPushCube-v0")
+    """the simulators"""
+
+
+def run(env_id, policy, seeds, rng):
+    env = gym.make(env_id)
+    successes, distance, coverage, returns = [], [], [], []
+    for seed in seeds:
+        env.reset(seed=seed)
+        done, ret = False, 0.0
+        while not done:
+            action = rng.uniform(-1, 1, env.action_space.shape) if policy == "random" else np.zeros(env.action_space.shape)
+            _, reward, terminated, truncated, info = env.step(action.astype(np.float32))
+            ret += reward
+            done = terminated or truncated
+        successes.append(info["is_success"])
+        distance.append(info.get("distance", np.nan))
+        coverage.append(info.get("coverage", np.nan))
+        returns.append(ret)
+    return [np.mean(x) for x in (successes, distance, coverage, returns)]
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    print("| environment | episodes | success rate | mean final coverage | mean return |")
-    print("| --- | --- | --- | --- | --- |")
-    for env_id in ("PushT-v0", "EgoPushCube-v0"):
-        env = gym.make(env_id)
-        rng = np.random.default_rng(0)
-        successes, coverage, returns = [], [], []
-        for i in range(args.episodes):
-            env.reset(seed=args.eval_seed + i)
-            done, ret = False, 0.0
-            while not done:
-                _, reward, terminated, truncated, info = env.step(rng.uniform(-1, 1, env.action_space.shape).astype(np.float32))
-                ret += reward
-                done = terminated or truncated
-            successes.append(info["is_success"])
-            coverage.append(info.get("coverage", np.nan))
-            returns.append(ret)
-        cov = f"{np.mean(coverage):.3f}" if env_id == "PushT-v0" else "-"
-        print(f"| {env_id} | {args.episodes} | {np.mean(successes):.2f} | {cov} | {np.mean(returns):.2f} |")
+    print(f"{args.episodes} episodes a set, {args.sets} sets; mean over the sets ± their std")
+    print("| environment | actions | success rate | final distance (px) | final coverage | mean return |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for env_id in args.env_ids:
+        for policy in ("random", "zero"):
+            rng = np.random.default_rng(0)
+            rows = np.array([run(env_id, policy, range(args.eval_seed + k * args.episodes,
+                                                       args.eval_seed + (k + 1) * args.episodes), rng)
+                             for k in range(args.sets)])
+            cells = [f"{m:.3f} ± {s:.3f}" if np.isfinite(m) else "-" for m, s in zip(rows.mean(0), rows.std(0))]
+            print(f"| {env_id} | {policy} | " + " | ".join(cells) + " |", flush=True)

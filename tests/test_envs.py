@@ -43,6 +43,83 @@ def test_pusht_renders_a_state_the_same_in_every_env():
         np.testing.assert_array_equal(frame, frames[0])
 
 
+@pytest.mark.parametrize("env_id", ["PushT-v0", "PushTReach-v0", "PushTPuck-v0"])
+def test_one_rendering_path_for_every_frame_size(env_id):
+    # a model at 32x32 sees the 64x64 frame area-resized, whether the frame comes from a data file (the scripts
+    # resize with envs.resize_frame), from an environment made with obs_size=32, or is the goal image
+    big, small = gym.make(env_id, obs_size=64), gym.make(env_id, obs_size=32)
+    rng = np.random.default_rng(0)
+    for seed in range(4):
+        a, b = big.reset(seed=seed)[0], small.reset(seed=seed)[0]
+        np.testing.assert_array_equal(envs.resize_frame(a, 32), b)
+        action = rng.uniform(-1, 1, 2).astype(np.float32)
+        np.testing.assert_array_equal(envs.resize_frame(big.step(action)[0], 32), small.step(action)[0])
+    np.testing.assert_array_equal(envs.resize_frame(envs.goal_image(env_id, 64), 32), envs.goal_image(env_id, 32))
+    frame = cv2.resize(big.unwrapped._draw(32), (32, 32))  # drawn at 32 directly: what evaluation used to see
+    assert not np.array_equal(frame, small.reset(seed=0)[0])
+
+
+def test_reach_rung_rewards_distance_and_ends_on_the_target():
+    env = gym.make("PushTReach-v0")
+    target = envs.PushTReachEnv.target
+    _, info = env.reset(options={"state": [100.0, 256.0]})
+    assert info["distance"] == pytest.approx(156.0) and not info["is_success"] and info["state"].shape == (2,)
+    _, reward, terminated, _, info = env.step(np.array([1.0, 0.0], np.float32))  # 200 px/s for 0.2 s
+    assert info["state"][0] == pytest.approx(140.0) and reward == pytest.approx(-1.16) and not terminated
+    for _ in range(2):
+        _, reward, terminated, _, info = env.step(np.array([1.0, 0.0], np.float32))
+    assert not terminated and info["distance"] == pytest.approx(36.0)
+    _, reward, terminated, _, info = env.step(np.array([0.9, 0.0], np.float32))  # 36 px: on the target
+    assert terminated and info["is_success"] and reward == pytest.approx(0.0, abs=1e-6)
+    # no T on this rung: nothing is in the tool's way, nothing is drawn but the table, the target and the tool
+    _, info = env.reset(options={"state": [256.0, 100.0]})
+    for _ in range(8):
+        _, _, terminated, _, info = env.step(np.array([0.0, 1.0], np.float32))
+    assert info["state"][1] == pytest.approx(100 + 8 * 40.0) and not info["contact"]
+    colours = {tuple(c) for c in envs.goal_image("PushTReach-v0", 64).reshape(-1, 3)}
+    assert envs.PUSHT_COLORS["block"] not in colours and envs.PUSHT_COLORS["agent"] in colours
+    goal = envs.goal_image("PushTReach-v0", 64)
+    green = np.all(np.abs(goal.astype(int) - envs.PUSHT_COLORS["goal"]) < 30, axis=-1)
+    assert green.sum() == 0, "the goal image shows the tool covering the target"
+    np.testing.assert_allclose(envs.task_rewards("PushTReach-v0", np.array([[256.0, 156.0], target])), [-1.0, 0.0],
+                               atol=1e-6)
+
+
+def test_puck_rung_scores_overlap_and_pushing_is_quasi_static():
+    env = gym.make("PushTPuck-v0").unwrapped
+    target, r = envs.PushTPuckEnv.target, envs.PushTPuckEnv.puck_radius
+    _, info = env.reset(options={"state": [256.0, 400.0, *target]})
+    assert info["coverage"] == pytest.approx(1.0) and info["distance"] == pytest.approx(0.0)
+    d = r  # two discs of radius r, centres r apart: overlap (2 pi / 3 - sqrt(3) / 2) r^2 over pi r^2
+    _, info = env.reset(options={"state": [256.0, 400.0, target[0] + d, target[1]]})
+    assert info["coverage"] == pytest.approx((2 * np.pi / 3 - np.sqrt(3) / 2) / np.pi, abs=1e-6)
+    # pushing the puck right by the tool's motion, onto the target: success ends the episode; it stops when the tool does
+    _, info = env.reset(options={"state": [100.0, 256.0, 200.0, 256.0]})
+    for _ in range(2):
+        _, reward, terminated, _, info = env.step(np.array([1.0, 0.0], np.float32))
+    assert info["contact"] and info["state"][2] > 230 and 0 < reward < 1 and not terminated
+    moved = info["state"][2:].copy()
+    _, reward, terminated, _, info = env.step(np.zeros(2, np.float32))
+    np.testing.assert_allclose(info["state"][2:], moved, atol=1.0)
+    _, info = env.reset(options={"state": [180.0, 256.0, 238.0, 256.0]})  # 3 px apart, 18 px short
+    _, reward, terminated, _, info = env.step(np.array([0.5, 0.0], np.float32))
+    assert terminated and info["is_success"] and reward == 1.0
+    goal = envs.goal_image("PushTPuck-v0", 64)
+    green = np.all(np.abs(goal.astype(int) - envs.PUSHT_COLORS["goal"]) < 30, axis=-1)
+    assert green.sum() == 0, "the goal image shows the puck covering the target"
+
+
+def test_reach_play_covers_the_table_and_goal_videos_end_on_the_target():
+    data = envs.collect("PushTReach-v0", 1500, seed=0, verbose=False)
+    envs.validate_dataset(data)
+    xy = data["state"]
+    assert xy.shape == (1500, 2) and (xy.min(0) < 80).all() and (xy.max(0) > 430).all()
+    assert np.abs(data["action"]).mean() > 0.3  # it moves
+    videos = envs.pusht_goal_videos(3, length=20, seed=0, obs_size=32, env_id="PushTReach-v0")
+    np.testing.assert_allclose(videos["state"][19::20], [envs.PushTReachEnv.target] * 3)
+    assert (np.linalg.norm(videos["state"][0::20] - envs.PushTReachEnv.target, axis=1) > 30).all()
+
+
 def test_pusht_velocity_command_moves_agent_by_v_dt():
     env = gym.make("PushT-v0")
     _, info = env.reset(options={"state": [256, 100, 380, 250, 0.0]})  # block far from the agent
@@ -299,4 +376,4 @@ def test_cli_collect_and_check(tmp_path):
     r = run_cli("collect", "PushT-v0", "--steps", "64", "--out", out, "--goal-videos")
     assert r.returncode == 0 and envs.load_dataset(out)["is_demo"].all()
     r = run_cli("collect", "EgoPushCube-v0", "--steps", "64", "--out", out, "--goal-videos")
-    assert r.returncode == 1 and "PushT-v0 only" in r.stderr
+    assert r.returncode == 1 and "Push-T ladder" in r.stderr

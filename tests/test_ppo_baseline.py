@@ -13,7 +13,7 @@ import envs
 import ppo_baseline as ppo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KEYS = ("env_id", "episodes", "successes", "success_rate", "mean_return", "mean_coverage", "mean_block_distance",
+KEYS = ("env_id", "episodes", "successes", "success_rate", "mean_return", "mean_coverage", "mean_final_distance",
         "contact_fraction", "global_step", "wall_time_s")
 torch.set_num_threads(1)
 
