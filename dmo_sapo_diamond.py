@@ -1549,6 +1549,18 @@ def parse_args(argv=None):
     else:
         defaults = Args()  # tyro reports the invalid choice
     args = tyro.cli(Args, default=defaults, args=argv)
+    for name in ("play_steps", "img_size", "wm_context", "wm_denoising_steps", "wm_batch_size", "reward_batch_size",
+                 "reward_max_segment", "rssm_batch_size", "rssm_seq_len", "epochs", "num_envs", "horizon",
+                 "episode_length", "critic_epochs", "critic_minibatch", "eval_episodes", "eval_quick_episodes"):
+        if getattr(args, name) < 1:
+            raise RunError(f"{name} ({getattr(args, name)}) must be at least 1")
+    for name in ("wm_steps", "reward_steps", "rssm_pretrain_steps", "rssm_finetune_steps", "eval_every", "patch_every",
+                 "exploit_check_episodes", "reward_goal_videos", "wm_ar_steps"):
+        if getattr(args, name) < 0:
+            raise RunError(f"{name} ({getattr(args, name)}) must not be negative")
+    for name in ("wm_lr", "reward_lr", "rssm_lr", "actor_lr", "critic_lr", "alpha_lr", "init_alpha"):
+        if not getattr(args, name) > 0:
+            raise RunError(f"{name} ({getattr(args, name)}) must be positive")
     if args.horizon < 1 or args.episode_length % args.horizon:
         raise RunError(f"episode_length ({args.episode_length}) must be a multiple of horizon ({args.horizon})")
     if args.img_size % 16:

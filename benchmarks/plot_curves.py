@@ -76,9 +76,11 @@ def main(a):
         panels.append(panel(series, tag, [h for h in hlines if h[0] == tag]))
     img = np.concatenate(panels, 1)
     legend = np.full((30, img.shape[1], 3), 255, np.uint8)
+    x = 20
     for i, name in enumerate(names):
-        cv2.line(legend, (20 + 180 * i, 15), (50 + 180 * i, 15), COLOURS[i % len(COLOURS)], 3)
-        cv2.putText(legend, name, (56 + 180 * i, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.line(legend, (x, 15), (x + 30, 15), COLOURS[i % len(COLOURS)], 3)
+        cv2.putText(legend, name, (x + 36, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+        x += 36 + cv2.getTextSize(name, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)[0][0] + 24
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     cv2.imwrite(a.out, np.concatenate([legend, img], 0))
     print(f"wrote {a.out}")

@@ -420,6 +420,12 @@ def test_bad_data_file_is_a_one_line_error(tmp_path):
     r = run_script("--preset", "tiny", "--runs-dir", str(runs), "--reward-video-fraction", "1.5", timeout=60)
     assert r.returncode == 1 and "reward_video_fraction (1.5) must be in [0, 1]" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not runs.exists()  # refused before any run directory
+    for flag, value, message in (("--epochs", "0", "epochs (0) must be at least 1"),
+                                 ("--epochs", "-3", "epochs (-3) must be at least 1"),
+                                 ("--rssm-pretrain-steps", "-1", "rssm_pretrain_steps (-1) must not be negative"),
+                                 ("--actor-lr", "0", "actor_lr (0.0) must be positive")):
+        with pytest.raises(dmo.RunError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            dmo.parse_args(["--preset", "tiny", flag, value])
 
 
 def test_presets_never_share_a_play_data_file(play_data, tmp_path):

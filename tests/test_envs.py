@@ -97,13 +97,16 @@ def test_puck_rung_scores_overlap_and_pushing_is_quasi_static():
     _, info = env.reset(options={"state": [100.0, 256.0, 200.0, 256.0]})
     for _ in range(2):
         _, reward, terminated, _, info = env.step(np.array([1.0, 0.0], np.float32))
-    assert info["contact"] and info["state"][2] > 230 and 0 < reward < 1 and not terminated
+    assert info["contact"] and info["state"][2] > 230 and not terminated
+    assert reward == pytest.approx(-info["distance"] / 100, abs=0.01)  # touching: no gap term
     moved = info["state"][2:].copy()
     _, reward, terminated, _, info = env.step(np.zeros(2, np.float32))
     np.testing.assert_allclose(info["state"][2:], moved, atol=1.0)
     _, info = env.reset(options={"state": [180.0, 256.0, 238.0, 256.0]})  # 3 px apart, 18 px short
     _, reward, terminated, _, info = env.step(np.array([0.5, 0.0], np.float32))
-    assert terminated and info["is_success"] and reward == 1.0
+    assert terminated and info["is_success"] and reward > -0.07
+    _, info = env.reset(options={"state": [56.0, 256.0, 156.0, 256.0]})  # the tool 45 px from touching the puck
+    assert env._reward(info) == pytest.approx(-(100 + 0.5 * 45) / 100)
     goal = envs.goal_image("PushTPuck-v0", 64)
     green = np.all(np.abs(goal.astype(int) - envs.PUSHT_COLORS["goal"]) < 30, axis=-1)
     assert green.sum() == 0, "the goal image shows the puck covering the target"
