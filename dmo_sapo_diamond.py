@@ -130,6 +130,8 @@ class Args:
     representation, which at 32x32 does not learn the 2-pixel tool in a CPU budget (README)"""
     rssm_size: Literal["tiny", "small", "push_t", "push_cube"] = "small"
     """RSSM size (rssm.presets; Table 4 Push-T = push_t)"""
+    rssm_keypoints: int = 0
+    """spatial-softmax keypoints appended to the RSSM's image embedding (rssm.RSSMConfig.keypoints; DreamerV3: 0)"""
     rssm_pretrain_steps: int = 2000
     """offline pretraining steps on the play data"""
     rssm_batch_size: int = 16
@@ -588,8 +590,8 @@ class RunError(Exception):
 STAGE_FIELDS = {  # the Args fields a stage checkpoint must agree on
     "world_model": ["img_size", "wm_channels", "wm_depths", "wm_cond_channels", "wm_context"],
     "reward_model": ["img_size"],
-    "rssm": ["img_size", "rssm_size", "local_obs"],
-    "agent": ["img_size", "rssm_size", "local_obs", "hidden"],
+    "rssm": ["img_size", "rssm_size", "local_obs", "rssm_keypoints"],
+    "agent": ["img_size", "rssm_size", "local_obs", "rssm_keypoints", "hidden"],
 }
 
 
@@ -886,7 +888,7 @@ def foreground_error(rssm, data, idx, background):
 def make_rssm(args, data):
     """The local model: an RSSM of frames (img_size), or of the recorded states (--local-obs state)."""
     shape = (3, args.img_size, args.img_size) if args.local_obs == "frames" else (data["local"].shape[1],)
-    cfg = RSSMConfig.preset(args.rssm_size, obs_shape=shape, action_dim=2,
+    cfg = RSSMConfig.preset(args.rssm_size, obs_shape=shape, action_dim=2, keypoints=args.rssm_keypoints,
                             recon_scale=args.rssm_recon_scale if args.local_obs == "frames" else 1.0)
     return RSSM(cfg)
 

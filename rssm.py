@@ -35,6 +35,10 @@ class RSSMConfig:
     """dense units of every MLP"""
     cnn_mult: int = 48
     """CNN channels = cnn_mult x [1, 2, 4, 8]"""
+    keypoints: int = 0
+    """spatial-softmax keypoints appended to the CNN embedding (Levine et al. 2016; not DreamerV3: 0): the expected
+    image coordinates of `keypoints` feature maps of the full-resolution frame, which hold small objects' positions
+    that the strided CNN, trained by reconstruction, does not learn on a CPU budget (README)"""
     mlp_layers: int = 3
     """hidden layers of the encoder/decoder MLPs and of the reward and continuation heads"""
     unimix: float = 0.01
@@ -120,18 +124,32 @@ class ChannelNorm(nn.LayerNorm):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+def spatial_softmax(maps):
+    """(N, K, H, W) feature maps -> (N, 2 K): each map's softmax-weighted x, then y, coordinate in [-1, 1]."""
+    n, k, h, w = maps.shape
+    p = maps.flatten(2).softmax(-1).view(n, k, h, w)
+    xs, ys = torch.linspace(-1, 1, w, device=maps.device), torch.linspace(-1, 1, h, device=maps.device)
+    return torch.cat([(p.sum(2) * xs).sum(-1), (p.sum(3) * ys).sum(-1)], 1)
+
+
 class ConvEncoder(nn.Module):
-    def __init__(self, c, mult):
+    def __init__(self, c, mult, keypoints=0):
         super().__init__()
         chans = [c] + [mult * m for m in (1, 2, 4, 8)]
         mods = []
         for i, o in zip(chans[:-1], chans[1:]):
             mods += [nn.Conv2d(i, o, 4, 2, 1, bias=False), ChannelNorm(o, eps=1e-3), nn.SiLU()]
         self.net = nn.Sequential(*mods)
+        self.keypoints = None
+        if keypoints:  # two full-resolution convs, one map per keypoint
+            self.keypoints = nn.Sequential(nn.Conv2d(c, 32, 3, 1, 1), nn.SiLU(), nn.Conv2d(32, keypoints, 3, 1, 1))
 
-    def forward(self, obs):  # (..., C, H, W) -> (..., 8 mult H/16 W/16)
-        x = self.net(obs.flatten(0, -4))
-        return x.flatten(1).view(*obs.shape[:-3], -1)
+    def forward(self, obs):  # (..., C, H, W) -> (..., 8 mult H/16 W/16 [+ 2 keypoints])
+        flat = obs.flatten(0, -4)
+        x = self.net(flat).flatten(1)
+        if self.keypoints is not None:
+            x = torch.cat([x, spatial_softmax(self.keypoints(flat))], 1)
+        return x.view(*obs.shape[:-3], -1)
 
 
 class ConvDecoder(nn.Module):
@@ -178,9 +196,9 @@ class RSSM(nn.Module):
         S, K, D, U = cfg.stoch, cfg.classes, cfg.deter, cfg.units
         self.feat_dim = D + S * K
         if self.image:
-            self.encoder = ConvEncoder(cfg.obs_shape[0], cfg.cnn_mult)
+            self.encoder = ConvEncoder(cfg.obs_shape[0], cfg.cnn_mult, cfg.keypoints)
             self.decoder = ConvDecoder(self.feat_dim, cfg.obs_shape, cfg.cnn_mult)
-            self.embed_dim = 8 * cfg.cnn_mult * (cfg.obs_shape[1] // 16) * (cfg.obs_shape[2] // 16)
+            self.embed_dim = 8 * cfg.cnn_mult * (cfg.obs_shape[1] // 16) * (cfg.obs_shape[2] // 16) + 2 * cfg.keypoints
         else:
             self.encoder = mlp(cfg.obs_shape[0], U, cfg.mlp_layers)
             self.decoder = nn.Sequential(mlp(self.feat_dim, U, cfg.mlp_layers), nn.Linear(U, cfg.obs_shape[0]))

@@ -83,9 +83,9 @@ def load(run, finetuned, patched=None, diamond=True):
         reward_model = dmo.RewardModel(args.img_size).eval()
         reward_model.load_state_dict(dmo.load_checkpoint(args.reward_checkpoint or os.path.join(run, "reward_model.pt"),
                                                          "reward_model")["model"])
-    cfg = dmo.RSSMConfig.preset(args.rssm_size, obs_shape=(3, args.img_size, args.img_size), action_dim=2,
-                                recon_scale=args.rssm_recon_scale)
-    rssm = dmo.RSSM(cfg).eval()
+    if args.local_obs == "state":
+        data["local"] = torch.as_tensor(envs.state_observation(data["state"]))
+    rssm = dmo.make_rssm(args, data).eval()
     if finetuned:
         rssm.load_state_dict(dmo.load_checkpoint(os.path.join(run, "agent.pt"), "agent")["rssm"])
     else:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from rssm import RSSM, RSSMConfig, categorical, presets, symexp, symlog, twohot, twohot_mean  # noqa: E402
+from rssm import RSSM, RSSMConfig, categorical, presets, spatial_softmax, symexp, symlog, twohot, twohot_mean  # noqa: E402
 
 torch.set_num_threads(1)
 B, T, A = 3, 5, 2
@@ -258,3 +258,20 @@ def test_learns_moving_square():
         r_err = (m.reward(m.feat(post)) - rewards).pow(2).mean()
     assert last["recon"] < 0.2 * first["recon"] and last["recon"] < 0.5 * mean_frame, "learns where the square is"
     assert last["reward"] < 0.5 * first["reward"] and r_err < 0.25 * rewards.var(), "and the reward of its position"
+
+
+def test_spatial_softmax_keypoints_are_the_peaks_coordinates():
+    # a map with one sharp peak at column 6, row 2 of 9x5 (x, y in [-1, 1] across the width and the height)
+    maps = torch.full((1, 2, 5, 9), -50.0)
+    maps[0, 0, 2, 6] = 50.0
+    maps[0, 1, 4, 0] = 50.0
+    kp = spatial_softmax(maps)
+    torch.testing.assert_close(kp, torch.tensor([[6 / 8 * 2 - 1, -1.0, 0.0, 1.0]]), atol=1e-4, rtol=0)
+    # appended to the image embedding; the encoder's gradient reaches the keypoint convs
+    cfg = RSSMConfig.preset("tiny", obs_shape=(3, 32, 32), action_dim=2, keypoints=4)
+    m = RSSM(cfg)
+    embed = m.encode(torch.rand(3, 3, 32, 32) - 0.5)
+    assert embed.shape == (3, m.embed_dim) and m.embed_dim == 8 * 8 * 2 * 2 + 8
+    assert embed[:, -8:].abs().max() <= 1
+    embed[:, -8:].sum().backward()
+    assert m.encoder.keypoints[0].weight.grad.abs().sum() > 0
