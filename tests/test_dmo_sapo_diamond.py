@@ -584,3 +584,14 @@ def test_sapo_entropy_bonus_is_scaled_by_the_target_and_the_temperature_follows_
                      SummaryWriter(str(run_dir)), str(run_dir))
         alphas[target] = torch.load(run_dir / "agent.pt", weights_only=False)["log_alpha"].exp().item()
     assert alphas[-6.0] < args.init_alpha < alphas[5.0], alphas
+
+
+def test_rssm_keypoints_reach_the_embedding_and_checkpoints_refuse_another_count(reach_data, tmp_path):
+    args = oracle_args(reach_data, rssm_keypoints=3)
+    data = dmo.load_play_data(args, torch.device("cpu"))
+    rssm = dmo.make_rssm(args, data)
+    assert rssm.cfg.keypoints == 3 and rssm.embed_dim == dmo.make_rssm(oracle_args(reach_data), data).embed_dim + 6
+    path = str(tmp_path / "rssm.pt")
+    dmo.save_checkpoint(path, "rssm", args, model=rssm.state_dict(), done=True, step=0)
+    with pytest.raises(dmo.RunError, match="rssm_keypoints=3, this run has rssm_keypoints=0"):
+        dmo.load_checkpoint(path, "rssm", oracle_args(reach_data))
