@@ -845,7 +845,7 @@ def rssm_input(rssm, obs):
 def rssm_train_step(rssm, opt, obs, actions, is_first, rewards, background=None, fg_weight=1.0):
     """One DreamerV3 world-model step on (B, T) observations (float frames in [-1, 1], or states); actions[:, t]
     led into frame t. With fg_weight > 1 the reconstruction error on the pixels that differ from `background`
-    counts fg_weight times (README: Why the RSSM's reconstruction is weighted)."""
+    counts fg_weight times (results/dmo_sapo_diamond.md: Why the RSSM's reconstruction is weighted)."""
     post, prior = rssm.observe(rssm.encode(rssm_input(rssm, obs)), actions, is_first)
     weight = None
     if fg_weight != 1.0 and rssm.image:
@@ -952,7 +952,7 @@ def pretrain_rssm(args, data, reward_model, goal_e, device, writer, run_dir):
     fg, bg = log_foreground()
     if fg > 0.8 * bg:
         print("RSSM: warning: its reconstruction of the tool and the T is hardly better than the background's; "
-              "the policy will not see them (README: Why the RSSM's reconstruction is weighted)")
+              "the policy will not see them (results/dmo_sapo_diamond.md: Why the RSSM's reconstruction is weighted)")
     return rssm, opt
 
 
@@ -1676,7 +1676,7 @@ def run(args):
               f"{c:.2f} -> {d:.2f} (first -> last 4 of {frames.shape[1] - args.wm_context} steps, {len(r_real)} episodes)")
         if d - b > 0.2:
             print("warning: the dreamed frames score higher than the real ones: the policy may exploit DIAMOND's "
-                  "errors (README: The policy exploits the global world model)")
+                  "errors (results/dmo_sapo_diamond.md: The policy exploits the global world model)")
         if args.capture_video:
             image = real_vs_dreamed_image(frames[:k], dreamed, args.wm_context)
             writer.add_image("eval/real_vs_dreamed", to_uint8(image).cpu().numpy(), global_step)
