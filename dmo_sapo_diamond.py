@@ -976,7 +976,8 @@ def action_gradient_gate(args, data, rssm, n=256, eps=0.05, seed=0):
         frames, true_grad, distance = [], [], []
         for t, a in zip((first + args.wm_context - 1).tolist(), actions.cpu().numpy().astype(np.float64)):
             distance.append(sim.reset(options={"state": data["state"][t]})[1]["distance"])
-            frames.append(sim.step(a)[0] if rssm.image else envs.state_observation(sim.state))
+            frame = sim.step(a)[0]
+            frames.append(frame if rssm.image else envs.state_observation(sim.state))
             true_grad.append([(reward_after(sim, data["state"][t], a + e) - reward_after(sim, data["state"][t], a - e))
                               / (2 * eps) for e in np.eye(2) * eps])
         obs = torch.as_tensor(np.stack(frames), device=actions.device)
