@@ -36,7 +36,7 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 
 import envs
-from rssm import RSSM, RSSMConfig
+from rssm import RSSM, RSSMConfig, spatial_softmax
 
 
 @dataclass
@@ -91,7 +91,8 @@ class Args:
     wm_denoising_steps: int = 3
     """Euler steps of the sampler"""
     wm_steps: int = 6000
-    """training steps (at 1500 the policy learns to exploit DIAMOND's drift: README)"""
+    """training steps (at 1500 the policy learns to exploit DIAMOND's drift: README); a finished checkpoint of fewer
+    steps (--resume, --wm-checkpoint) trains on to this many"""
     wm_batch_size: int = 16
     """training batch size"""
     wm_lr: float = 1e-4
@@ -103,7 +104,7 @@ class Args:
     reward_checkpoint: Optional[str] = None
     """a trained reward model (reward_model.pt); skips its training"""
     reward_steps: int = 1500
-    """training steps"""
+    """training steps; a finished checkpoint of fewer steps (--resume, --reward-checkpoint) trains on to this many"""
     reward_batch_size: int = 64
     """pairs per training step"""
     reward_lr: float = 3e-4
@@ -120,6 +121,8 @@ class Args:
     reward_video_path: Optional[str] = None
     """a file of such videos (the data format, each episode ending at the goal); default
     {env_id}_goal_videos_{reward_goal_videos}.npz beside the play data, collected when missing"""
+    reward_keypoints: int = 0
+    """spatial-softmax keypoints appended to r's CNN embedding (as --rssm-keypoints; 0: the plain CNN)"""
 
     # Local model f<- (DreamerV3 RSSM)
     rssm_checkpoint: Optional[str] = None
@@ -503,19 +506,27 @@ class RewardModel(nn.Module):
     """f_psi(s_t | s_start, s_goal): a shared CNN embeds the three frames, an MLP scores progress toward the goal.
     Trained so that later frames of a play segment score higher than earlier ones (Bradley-Terry loss)."""
 
-    def __init__(self, img_size, width=32, embed=256):
+    def __init__(self, img_size, width=32, embed=256, keypoints=0):
         super().__init__()
         chans, layers = [3, width, 2 * width, 4 * width, 8 * width], []
         for i, o in zip(chans[:-1], chans[1:]):
             layers += [nn.Conv2d(i, o, 4, 2, 1), nn.GroupNorm(1, o), nn.SiLU()]
         self.encoder = nn.Sequential(*layers, nn.Flatten(), nn.Linear(8 * width * (img_size // 16) ** 2, embed))
+        self.keypoints = None
+        if keypoints:  # as the RSSM's (rssm.ConvEncoder): where small objects are, which the strided CNN misses
+            self.keypoints = nn.Sequential(nn.Conv2d(3, 32, 3, 1, 1), nn.SiLU(), nn.Conv2d(32, keypoints, 3, 1, 1))
+            self.keypoint_proj = nn.Linear(2 * keypoints, embed)
         self.head = nn.Sequential(nn.Linear(4 * embed, 256), nn.SiLU(), nn.Linear(256, 1))
-        self.embed_dim = embed
+        self.img_size, self.embed_dim = img_size, embed
         self.register_buffer("mean", torch.zeros(()))  # statistics of the raw energy on play data, for rewards
         self.register_buffer("std", torch.ones(()))
 
     def embed(self, frames):  # float frames (..., 3, H, W) -> (..., E)
-        return self.encoder(frames.flatten(0, -4)).unflatten(0, frames.shape[:-3])
+        flat = frames.flatten(0, -4)
+        x = self.encoder(flat)
+        if self.keypoints is not None:
+            x = x + self.keypoint_proj(spatial_softmax(self.keypoints(flat)))
+        return x.unflatten(0, frames.shape[:-3])
 
     def energy(self, e_t, e_start, e_goal):
         return self.head(torch.cat([e_t, e_start, e_goal, e_t - e_goal], -1)).squeeze(-1)
@@ -589,7 +600,7 @@ class RunError(Exception):
 
 STAGE_FIELDS = {  # the Args fields a stage checkpoint must agree on
     "world_model": ["img_size", "wm_channels", "wm_depths", "wm_cond_channels", "wm_context"],
-    "reward_model": ["img_size"],
+    "reward_model": ["img_size", "reward_keypoints"],
     "rssm": ["img_size", "rssm_size", "local_obs", "rssm_keypoints"],
     "agent": ["img_size", "rssm_size", "local_obs", "rssm_keypoints", "hidden"],
 }
@@ -668,13 +679,14 @@ def train_world_model(args, data, device, writer, run_dir):
     if os.path.exists(path):
         ckpt = load_checkpoint(path, "world_model", args, restore_rng=args.wm_checkpoint is None)
         denoiser.load_state_dict(ckpt["model"])
-        if ckpt["done"]:
-            print(f"world model: loaded {path}")
+        if ckpt["done"] and ckpt["step"] >= args.wm_steps:
+            print(f"world model: loaded {path} ({ckpt['step']} steps)")
             return denoiser
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         step = ckpt["step"]
-        print(f"world model: resuming {path} at step {step}")
+        print(f"world model: resuming {path} at step {step} of {args.wm_steps}")
+        path = os.path.join(run_dir, "world_model.pt")  # never overwrite a --wm-checkpoint given to start from
     elif args.wm_checkpoint:
         raise RunError(f"{path}: no such world-model checkpoint")
     n = sum(p.numel() for p in denoiser.parameters())
@@ -702,18 +714,20 @@ def train_world_model(args, data, device, writer, run_dir):
 
 
 def train_reward_model(args, data, goal, device, writer, run_dir, videos=None):
-    model = RewardModel(args.img_size).to(device)
+    model = RewardModel(args.img_size, keypoints=args.reward_keypoints).to(device)
     path = args.reward_checkpoint or os.path.join(run_dir, "reward_model.pt")
     opt = torch.optim.Adam(model.parameters(), lr=args.reward_lr)
     step = 0
     if os.path.exists(path):
         ckpt = load_checkpoint(path, "reward_model", args, restore_rng=args.reward_checkpoint is None)
         model.load_state_dict(ckpt["model"])
-        if ckpt["done"]:
-            print(f"reward model: loaded {path}")
+        if ckpt["done"] and ckpt["step"] >= args.reward_steps:
+            print(f"reward model: loaded {path} ({ckpt['step']} steps)")
             return model
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
+        print(f"reward model: resuming {path} at step {step} of {args.reward_steps}")
+        path = os.path.join(run_dir, "reward_model.pt")  # never overwrite a --reward-checkpoint given to start from
     elif args.reward_checkpoint:
         raise RunError(f"{path}: no such reward-model checkpoint")
     episodes = torch.unique(data["episode"]).cpu()
@@ -789,6 +803,14 @@ def train_reward_model(args, data, goal, device, writer, run_dir, videos=None):
         writer.add_scalar("reward_model/task_reward_correlation", corr, step)
     save(True)
     return model
+
+
+def load_reward_model(path, device="cpu"):
+    """A trained r from its checkpoint, built with the image size and keypoints it was trained with."""
+    ckpt = load_checkpoint(path, "reward_model")
+    model = RewardModel(ckpt["config"]["img_size"], keypoints=ckpt["config"].get("reward_keypoints", 0))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval().requires_grad_(False)
 
 
 def held_out_episodes(data):

@@ -17,7 +17,6 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Literal, Optional
 
 import gymnasium as gym
@@ -153,11 +152,11 @@ class DiamondWorld:
         self.img_size, self.context, self.steps = c["img_size"], c["wm_context"], args.wm_denoising_steps
         self.denoiser = dmo.Denoiser(2, c["wm_context"], c["wm_channels"], c["wm_depths"], c["wm_cond_channels"])
         self.denoiser.load_state_dict(wm["model"])
-        rm = dmo.load_checkpoint(args.reward_checkpoint, "reward_model", SimpleNamespace(img_size=self.img_size))
-        self.reward_model = dmo.RewardModel(self.img_size)
-        self.reward_model.load_state_dict(rm["model"])
-        for model in (self.denoiser, self.reward_model):
-            model.to(device).eval().requires_grad_(False)
+        self.reward_model = dmo.load_reward_model(args.reward_checkpoint, device)
+        if self.reward_model.img_size != self.img_size:
+            raise dmo.RunError(f"{args.reward_checkpoint}: r was trained on {self.reward_model.img_size}x"
+                               f"{self.reward_model.img_size} frames, the world model on {self.img_size}")
+        self.denoiser.to(device).eval().requires_grad_(False)
         goal = torch.as_tensor(envs.goal_image(args.env_id, self.img_size), device=device).permute(2, 0, 1)
         self.goal_e = self.reward_model.embed(dmo.to_float(goal)[None])  # s_goal
 

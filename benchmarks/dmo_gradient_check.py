@@ -80,9 +80,7 @@ def load(run, finetuned, patched=None, diamond=True):
         use_patched = finetuned if patched is None else patched
         wm = patched_path if use_patched and os.path.exists(patched_path) else args.wm_checkpoint or os.path.join(run, "world_model.pt")
         denoiser.load_state_dict(dmo.load_checkpoint(wm, "world_model")["model"])
-        reward_model = dmo.RewardModel(args.img_size).eval()
-        reward_model.load_state_dict(dmo.load_checkpoint(args.reward_checkpoint or os.path.join(run, "reward_model.pt"),
-                                                         "reward_model")["model"])
+        reward_model = dmo.load_reward_model(args.reward_checkpoint or os.path.join(run, "reward_model.pt"))
     if args.local_obs == "state":
         data["local"] = torch.as_tensor(envs.state_observation(data["state"]))
     rssm = dmo.make_rssm(args, data).eval()

@@ -43,9 +43,7 @@ def load(run, goal_tool_xy):
     with open(os.path.join(run, "args.json")) as f:
         saved = json.load(f)
     args = dmo.Args(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(dmo.Args)}})
-    model = dmo.RewardModel(args.img_size).eval()
-    model.load_state_dict(dmo.load_checkpoint(args.reward_checkpoint or os.path.join(run, "reward_model.pt"),
-                                              "reward_model")["model"])
+    model = dmo.load_reward_model(args.reward_checkpoint or os.path.join(run, "reward_model.pt"))
     goal = dmo.to_float(torch.as_tensor(envs.pusht_goal_image(args.img_size, goal_tool_xy)).permute(2, 0, 1))
     return args, saved, model, goal
 
