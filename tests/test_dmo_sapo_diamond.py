@@ -595,3 +595,34 @@ def test_rssm_keypoints_reach_the_embedding_and_checkpoints_refuse_another_count
     dmo.save_checkpoint(path, "rssm", args, model=rssm.state_dict(), done=True, step=0)
     with pytest.raises(dmo.RunError, match="rssm_keypoints=3, this run has rssm_keypoints=0"):
         dmo.load_checkpoint(path, "rssm", oracle_args(reach_data))
+
+
+def test_reward_keypoints_are_built_from_the_checkpoint_and_a_plain_r_keeps_its_layout(reach_data, tmp_path):
+    args = oracle_args(reach_data, reward_keypoints=4)
+    torch.manual_seed(0)
+    model = dmo.RewardModel(32, keypoints=4)
+    path = str(tmp_path / "reward_model.pt")
+    dmo.save_checkpoint(path, "reward_model", args, model=model.state_dict(), done=True, step=0)
+    loaded = dmo.load_reward_model(path)
+    assert loaded.keypoints is not None and loaded.keypoints[-1].out_channels == 4
+    frames = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.equal(loaded.embed(frames), model.embed(frames))
+    with pytest.raises(dmo.RunError, match="reward_keypoints=4, this run has reward_keypoints=0"):
+        dmo.load_checkpoint(path, "reward_model", oracle_args(reach_data))
+    # without keypoints r's parameters are those of the checkpoints written before the flag existed
+    plain = dmo.RewardModel(32)
+    assert not any("keypoint" in k for k in plain.state_dict()) and "encoder.13.weight" in plain.state_dict()
+
+
+def test_a_finished_world_model_trains_on_into_the_new_run_when_asked_for_more_steps(reach_data, tmp_path):
+    args = oracle_args(reach_data, forward_model="diamond", wm_steps=3)
+    data = dmo.load_play_data(args, torch.device("cpu"))
+    first, second = tmp_path / "first", tmp_path / "second"
+    for d in (first, second):
+        d.mkdir()
+    dmo.train_world_model(args, data, torch.device("cpu"), SummaryWriter(str(first)), str(first))
+    before = (first / "world_model.pt").read_bytes()
+    more = oracle_args(reach_data, forward_model="diamond", wm_steps=5, wm_checkpoint=str(first / "world_model.pt"))
+    dmo.train_world_model(more, data, torch.device("cpu"), SummaryWriter(str(second)), str(second))
+    ckpt = torch.load(second / "world_model.pt", map_location="cpu", weights_only=False)
+    assert ckpt["done"] and ckpt["step"] == 5 and (first / "world_model.pt").read_bytes() == before
