@@ -1,18 +1,19 @@
-"""DMO-SAPO with a DIAMOND global world model on Push-T (seed 000: "Coupled Local and Global World Models for
+"""DMO-SAPO with a DIAMOND global world model on the Push-T ladder (seed 000: "Coupled Local and Global World Models for
 Efficient First Order RL", Algorithm 1 in appendix A.4, hyperparameters in Table 4).
 
 The policy is trained entirely inside learned models and deployed zero-shot in the simulator:
-  1. play data (PushT-v0, 5 Hz, 64x64 frames);
+  1. play data (a rung of the Push-T ladder, envs.py: 5 Hz velocity actions, 64x64 frames);
   2. the global forward model f->: a DIAMOND EDM denoiser conditioned on 4 past frames and actions;
   3. the global reward model r: a contrastive goal-conditioned energy f_psi(s_t | s_start, s_goal) (Rank2Reward);
   4. the local backward model f<-: the DreamerV3 RSSM of rssm.py, pretrained on the play data with rewards from r;
   5. DMO-SAPO: DIAMOND makes the next frame, the RSSM gives the gradient (decoupled forward/backward), SAPO
      updates actor, critic and temperature; DIAMOND's trajectories fine-tune the RSSM every epoch;
-  6. zero-shot evaluation in PushT-v0 -> eval.json.
+  6. zero-shot evaluation in the simulator -> eval.json.
 
-    python dmo_sapo_diamond.py --seed 1                   # `default` preset: 2-core CPU, about an hour
+    python dmo_sapo_diamond.py --seed 1                   # `default`: the reach rung on a 2-core CPU, about an hour
+    python dmo_sapo_diamond.py --seed 1 --env-id PushT-v0 --rssm-keypoints 0 --reward-keypoints 0  # Push-T on a CPU
     python dmo_sapo_diamond.py --seed 1 --preset tiny     # the whole pipeline in about a minute
-    python dmo_sapo_diamond.py --seed 1 --preset paper          # Table 4 sizes (on a GPU)
+    python dmo_sapo_diamond.py --seed 1 --preset paper          # Push-T at Table 4 sizes (on a GPU)
     python dmo_sapo_diamond.py --seed 1 --forward-model rssm    # ablation "No Diffusion"
     python dmo_sapo_diamond.py --seed 1 --no-rssm-finetune      # ablation "No RSSM Finetuning"
 """
@@ -64,9 +65,10 @@ class Args:
     """stop after this stage (its checkpoint is written); continue later with --resume"""
 
     # Play data
-    env_id: Literal["PushT-v0", "PushTReach-v0", "PushTPuck-v0"] = "PushT-v0"
-    """the task, a rung of the Push-T ladder (envs.py): PushT-v0 (the paper's), PushTPuck-v0 (push a round puck onto
-    a target) or PushTReach-v0 (the tool reaches a target; no object)"""
+    env_id: Literal["PushT-v0", "PushTReach-v0", "PushTPuck-v0"] = "PushTReach-v0"
+    """the task, a rung of the Push-T ladder (envs.py): PushTReach-v0 (the tool reaches a target; no object; the
+    rung the whole pipeline learns on a CPU), PushTPuck-v0 (push a round puck onto a target) or PushT-v0 (the
+    paper's; the `paper` preset)"""
     data_dir: str = "data"
     """play data lives at {data_dir}/{env_id}_play_{play_steps}.npz (one file per size: presets never share one),
     collected from the simulator when missing"""
@@ -121,8 +123,9 @@ class Args:
     reward_video_path: Optional[str] = None
     """a file of such videos (the data format, each episode ending at the goal); default
     {env_id}_goal_videos_{reward_goal_videos}.npz beside the play data, collected when missing"""
-    reward_keypoints: int = 0
-    """spatial-softmax keypoints appended to r's CNN embedding (as --rssm-keypoints; 0: the plain CNN)"""
+    reward_keypoints: int = 16
+    """spatial-softmax keypoints added to r's CNN embedding (as --rssm-keypoints; 0: the plain CNN, which ranks the
+    reach rung's 2-pixel tool poorly: README)"""
 
     # Local model f<- (DreamerV3 RSSM)
     rssm_checkpoint: Optional[str] = None
@@ -133,9 +136,10 @@ class Args:
     representation, which at 32x32 does not learn the 2-pixel tool in a CPU budget (README)"""
     rssm_size: Literal["tiny", "small", "push_t", "push_cube"] = "small"
     """RSSM size (rssm.presets; Table 4 Push-T = push_t)"""
-    rssm_keypoints: int = 0
-    """spatial-softmax keypoints appended to the RSSM's image embedding (rssm.RSSMConfig.keypoints; DreamerV3: 0)"""
-    rssm_pretrain_steps: int = 2000
+    rssm_keypoints: int = 16
+    """spatial-softmax keypoints appended to the RSSM's image embedding (rssm.RSSMConfig.keypoints; DreamerV3 and
+    the `paper` preset: 0; without them the 32x32 RSSM never learns the 2-pixel tool on a CPU budget: README)"""
+    rssm_pretrain_steps: int = 1500
     """offline pretraining steps on the play data"""
     rssm_batch_size: int = 16
     """sequences per batch"""
@@ -215,7 +219,7 @@ class Args:
     # Evaluation in the simulator
     eval_episodes: int = 50
     """final zero-shot evaluation episodes"""
-    eval_every: int = 25
+    eval_every: int = 10
     """epochs between quick evaluations during training (0: never)"""
     eval_quick_episodes: int = 10
     """episodes of a quick evaluation"""
@@ -239,7 +243,7 @@ PRESETS = {
                  num_envs=8, horizon=8, episode_length=16, critic_epochs=2, critic_minibatch=32, hidden=[32, 32],
                  eval_episodes=2, eval_every=2, eval_quick_episodes=2),
     "default": dict(),  # the field defaults above: sized for a 2-core CPU, see README
-    "paper": dict(play_steps=72_000, img_size=64, wm_channels=[64, 64, 64, 64], wm_depths=[4, 4, 4, 4],
+    "paper": dict(env_id="PushT-v0", reward_keypoints=0, rssm_keypoints=0, play_steps=72_000, img_size=64, wm_channels=[64, 64, 64, 64], wm_depths=[4, 4, 4, 4],
                   wm_cond_channels=256, wm_steps=200_000, wm_batch_size=8, reward_steps=50_000,
                   reward_goal_videos=500, rssm_size="push_t", rssm_pretrain_steps=50_000, rssm_seq_len=64,
                   rssm_lr=1e-4, rssm_recon_scale=1.0, rssm_fg_weight=1.0, rssm_finetune_steps=20, epochs=4000,
@@ -1568,6 +1572,7 @@ def parse_args(argv=None):
             raise RunError(f"{resume}: not a run directory (no args.json)")
         with open(path) as f:
             saved = json.load(f)
+        saved.setdefault("reward_keypoints", 0)  # a run from before the flag: its r has no keypoints
         defaults = Args(**{k: tuple(v) if k == "betas" else v for k, v in saved.items()})
     elif preset in PRESETS:
         defaults = Args(**{**dataclasses.asdict(Args()), **PRESETS[preset], "preset": preset})

@@ -56,8 +56,9 @@ class Args:
     # Environment
     env: Literal["world-model", "sim"] = "world-model"
     """where PPO collects experience: inside the global world model, or in the simulator (true reward)"""
-    env_id: Literal["PushT-v0", "PushTReach-v0", "PushTPuck-v0"] = "PushT-v0"
-    """the task (a rung of the Push-T ladder, envs.py): the simulator of --env sim and of the evaluation"""
+    env_id: Literal["PushT-v0", "PushTReach-v0", "PushTPuck-v0"] = "PushTReach-v0"
+    """the task (a rung of the Push-T ladder, envs.py): the simulator of --env sim and of the evaluation; the world
+    model of --env world-model must be of the same task (dmo_sapo_diamond.py's default is also the reach rung)"""
     img_size: int = 32
     """frame resolution in --env sim (--env world-model uses its checkpoint's; the paper: 64)"""
     frame_stack: int = 4
@@ -131,7 +132,7 @@ PRESETS = {
                  play_steps=1200, cnn_channels=[8, 8], hidden=[32], eval_episodes=2, eval_every=1,
                  eval_quick_episodes=2),
     "default": dict(),  # the field defaults above: 5x DMO's default budget (76,800 samples) on a 2-core CPU
-    "paper": dict(img_size=64, total_timesteps=40_000_000, num_envs=256, num_steps=64, minibatch_size=4096,
+    "paper": dict(env_id="PushT-v0", img_size=64, total_timesteps=40_000_000, num_envs=256, num_steps=64, minibatch_size=4096,
                   episode_length=128, eval_episodes=100, eval_every=100),
 }
 

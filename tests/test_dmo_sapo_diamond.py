@@ -19,6 +19,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(1)
 
 
+TINY = {**dmo.PRESETS["tiny"], "env_id": "PushT-v0"}  # the tests of Push-T's pipeline (the default is the reach rung)
+
+
 def small_denoiser():
     torch.manual_seed(0)
     return dmo.Denoiser(action_dim=2, context=4, channels=[8, 8], depths=[1, 1], cond=16)
@@ -128,7 +131,7 @@ def play_data(tmp_path_factory):
 def test_reward_model_ranks_later_frames_higher(play_data, tmp_path):
     # the script's lr (3e-4): at 1e-3 two-thread CPU runs, whose float sums differ from run to run, sometimes
     # collapsed to chance (0.51 in one CI run); at 3e-4 seeds 0-3 gave 0.74-0.78
-    args = dmo.Args(**{**dmo.PRESETS["tiny"], "reward_steps": 250, "reward_batch_size": 32, "data_path": play_data})
+    args = dmo.Args(**{**TINY, "reward_steps": 250, "reward_batch_size": 32, "data_path": play_data})
     data = dmo.load_play_data(args, torch.device("cpu"))
     goal = dmo.to_float(torch.as_tensor(envs.pusht_goal_image(args.img_size)).permute(2, 0, 1))
     torch.manual_seed(0)
@@ -139,7 +142,7 @@ def test_reward_model_ranks_later_frames_higher(play_data, tmp_path):
     # last frame; (start, goal, earlier, later) = frames 0, 15, 2 and 13 of every 16-frame segment
     unseen = str(tmp_path / "unseen.npz")
     envs.save_dataset(unseen, envs.collect("PushT-v0", 800, seed=7, verbose=False))
-    test = dmo.load_play_data(dmo.Args(**{**dmo.PRESETS["tiny"], "data_path": unseen}), torch.device("cpu"))
+    test = dmo.load_play_data(dmo.Args(**{**TINY, "data_path": unseen}), torch.device("cpu"))
     s = dmo.window_starts(test, 16)
     with torch.no_grad():
         e = [model.embed(dmo.to_float(test["obs"][s + k])) for k in (0, 15, 2, 13)]
@@ -220,7 +223,7 @@ def test_rssm_step_weights_the_foreground_pixels():
 def test_play_context_filters_the_window_it_returns(play_data):
     # the windows every imagined rollout starts from: the frames and the actions between them as recorded, and
     # the RSSM posterior at the last frame of the window (observe from a fresh state, zero action into frame 0)
-    args = dmo.Args(**{**dmo.PRESETS["tiny"], "data_path": play_data})
+    args = dmo.Args(**{**TINY, "data_path": play_data})
     data = dmo.load_play_data(args, torch.device("cpu"))
     cfg = dmo.RSSMConfig.preset("tiny", obs_shape=(3, 32, 32), action_dim=2)
     torch.manual_seed(0)
@@ -238,7 +241,7 @@ def test_play_context_filters_the_window_it_returns(play_data):
 
 
 def test_evaluate_reports_how_far_the_t_is_and_how_often_the_tool_touches_it():
-    args = dmo.Args(**dmo.PRESETS["tiny"])
+    args = dmo.Args(**TINY)
     rssm = dmo.RSSM(dmo.RSSMConfig.preset("tiny", obs_shape=(3, 32, 32), action_dim=2)).eval()
     still = lambda feat, deterministic=True: (torch.zeros(len(feat), 2), None)  # the T never moves
     metrics, _, _ = dmo.evaluate(args, rssm, still, 3, args.eval_seed, torch.device("cpu"))
@@ -294,7 +297,7 @@ def run_script(*args, timeout=300):
 
 
 def test_tiny_preset_runs_the_pipeline(play_data, tmp_path):
-    r = run_script("--preset", "tiny", "--runs-dir", str(tmp_path), "--data-path", play_data)
+    r = run_script("--preset", "tiny", "--env-id", "PushT-v0", "--runs-dir", str(tmp_path), "--data-path", play_data)
     assert r.returncode == 0, r.stderr[-2000:]
     (run_dir,) = tmp_path.iterdir()
     result = json.loads((run_dir / "eval.json").read_text())
@@ -310,26 +313,26 @@ def test_tiny_preset_runs_the_pipeline(play_data, tmp_path):
     videos = envs.load_dataset(os.path.join(os.path.dirname(play_data), "PushT-v0_goal_videos_4.npz"))  # beside the play
     assert videos["is_first"].sum() == dmo.PRESETS["tiny"]["reward_goal_videos"] and "4 goal videos" in r.stdout
     ckpt = torch.load(run_dir / "agent.pt", map_location="cpu", weights_only=False)
-    args = dmo.Args(**dmo.PRESETS["tiny"])
-    rssm = dmo.RSSM(dmo.RSSMConfig.preset("tiny", obs_shape=(3, 32, 32), action_dim=2))
+    args = dmo.Args(**TINY)
+    rssm = dmo.RSSM(dmo.RSSMConfig.preset("tiny", obs_shape=(3, 32, 32), action_dim=2, keypoints=args.rssm_keypoints))
     rssm.load_state_dict(ckpt["rssm"])
     actor = dmo.Actor(rssm.feat_dim, 2, args.hidden)
     actor.load_state_dict(ckpt["actor"])
     assert ckpt["epoch"] == 4 and ckpt["global_step"] == 256
     # the checkpoint alone reproduces the run's evaluation
-    metrics, _, _ = dmo.evaluate(dmo.Args(**{**dmo.PRESETS["tiny"]}), rssm, actor, 2, args.eval_seed, torch.device("cpu"))
+    metrics, _, _ = dmo.evaluate(dmo.Args(**TINY), rssm, actor, 2, args.eval_seed, torch.device("cpu"))
     assert metrics["mean_coverage"] == pytest.approx(result["mean_coverage"], abs=1e-6)
     # a checkpoint of the wrong kind, or of another configuration, is a one-line error
-    r = run_script("--preset", "tiny", "--runs-dir", str(tmp_path / "x"), "--data-path", play_data,
+    r = run_script("--preset", "tiny", "--env-id", "PushT-v0", "--runs-dir", str(tmp_path / "x"), "--data-path", play_data,
                    "--wm-checkpoint", str(run_dir / "rssm.pt"), timeout=60)
     assert r.returncode == 1 and "expected a 'world_model' checkpoint" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    r = run_script("--preset", "tiny", "--runs-dir", str(tmp_path / "y"), "--data-path", play_data,
+    r = run_script("--preset", "tiny", "--env-id", "PushT-v0", "--runs-dir", str(tmp_path / "y"), "--data-path", play_data,
                    "--wm-checkpoint", str(run_dir / "world_model.pt"), "--wm-channels", "8", "16", timeout=60)
     assert r.returncode == 1 and "wm_channels" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_killed_run_resumes_from_its_checkpoints(play_data, tmp_path):
-    r = run_script("--preset", "tiny", "--runs-dir", str(tmp_path), "--data-path", play_data, "--stop-after",
+    r = run_script("--preset", "tiny", "--env-id", "PushT-v0", "--runs-dir", str(tmp_path), "--data-path", play_data, "--stop-after",
                    "reward_model", "--no-capture-video")
     assert r.returncode == 0, r.stderr[-2000:]
     (run_dir,) = tmp_path.iterdir()
@@ -377,7 +380,7 @@ def test_episodes_to_data_keeps_each_episode_until_it_ended():
 
 def test_exploit_patching_fine_tunes_diamond_on_the_policys_frames_and_resumes(play_data, tmp_path):
     patch = ["--patch-every", "2", "--patch-episodes", "3", "--patch-steps", "12", "--patch-wm-steps", "5"]
-    r = run_script("--preset", "tiny", "--runs-dir", str(tmp_path), "--data-path", play_data, "--no-capture-video",
+    r = run_script("--preset", "tiny", "--env-id", "PushT-v0", "--runs-dir", str(tmp_path), "--data-path", play_data, "--no-capture-video",
                    "--epochs", "3", *patch)
     assert r.returncode == 0, r.stderr[-2000:]
     (run_dir,) = tmp_path.iterdir()
@@ -432,13 +435,15 @@ def test_presets_never_share_a_play_data_file(play_data, tmp_path):
     # each size of play data has its own file, so a run of one preset never meets another preset's data; a file
     # at this size's name that holds another number of frames is refused, and the error never advises deleting it
     paths = {p: dmo.play_data_path(dmo.Args(**{**dmo.PRESETS[p], "data_dir": str(tmp_path)})) for p in dmo.PRESETS}
-    assert len(set(paths.values())) == 3 and paths["tiny"].endswith("PushT-v0_play_1200.npz")
-    with open(paths["tiny"], "wb") as f:
+    assert len(set(paths.values())) == 3 and paths["tiny"].endswith("PushTReach-v0_play_1200.npz")
+    args = dmo.Args(**{**TINY, "data_dir": str(tmp_path)})
+    path = dmo.play_data_path(args)
+    assert path.endswith("PushT-v0_play_1200.npz")
+    with open(path, "wb") as f:
         f.write(open(play_data, "rb").read())  # 1600 frames
-    args = dmo.Args(**{**dmo.PRESETS["tiny"], "data_dir": str(tmp_path)})
     with pytest.raises(dmo.RunError, match="holds 1600 frames, not the 1200 of --play-steps") as e:
         dmo.load_play_data(args, torch.device("cpu"))
-    assert "delete" not in str(e.value) and os.path.getsize(paths["tiny"]) == os.path.getsize(play_data)
+    assert "delete" not in str(e.value) and os.path.getsize(path) == os.path.getsize(play_data)
 
 
 @pytest.fixture(scope="module")
@@ -590,11 +595,11 @@ def test_rssm_keypoints_reach_the_embedding_and_checkpoints_refuse_another_count
     args = oracle_args(reach_data, rssm_keypoints=3)
     data = dmo.load_play_data(args, torch.device("cpu"))
     rssm = dmo.make_rssm(args, data)
-    assert rssm.cfg.keypoints == 3 and rssm.embed_dim == dmo.make_rssm(oracle_args(reach_data), data).embed_dim + 6
+    assert rssm.cfg.keypoints == 3 and rssm.embed_dim == dmo.make_rssm(oracle_args(reach_data, rssm_keypoints=0), data).embed_dim + 6
     path = str(tmp_path / "rssm.pt")
     dmo.save_checkpoint(path, "rssm", args, model=rssm.state_dict(), done=True, step=0)
     with pytest.raises(dmo.RunError, match="rssm_keypoints=3, this run has rssm_keypoints=0"):
-        dmo.load_checkpoint(path, "rssm", oracle_args(reach_data))
+        dmo.load_checkpoint(path, "rssm", oracle_args(reach_data, rssm_keypoints=0))
 
 
 def test_reward_keypoints_are_built_from_the_checkpoint_and_a_plain_r_keeps_its_layout(reach_data, tmp_path):
@@ -608,7 +613,7 @@ def test_reward_keypoints_are_built_from_the_checkpoint_and_a_plain_r_keeps_its_
     frames = torch.rand(2, 3, 32, 32) * 2 - 1
     assert torch.equal(loaded.embed(frames), model.embed(frames))
     with pytest.raises(dmo.RunError, match="reward_keypoints=4, this run has reward_keypoints=0"):
-        dmo.load_checkpoint(path, "reward_model", oracle_args(reach_data))
+        dmo.load_checkpoint(path, "reward_model", oracle_args(reach_data, reward_keypoints=0))
     # without keypoints r's parameters are those of the checkpoints written before the flag existed
     plain = dmo.RewardModel(32)
     assert not any("keypoint" in k for k in plain.state_dict()) and "encoder.13.weight" in plain.state_dict()

@@ -13,6 +13,7 @@ import envs
 import ppo_baseline as ppo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {**ppo.PRESETS["tiny"], "env_id": "PushT-v0"}  # Push-T (the default is the reach rung)
 KEYS = ("env_id", "episodes", "successes", "success_rate", "mean_return", "mean_coverage", "mean_final_distance",
         "contact_fraction", "global_step", "wall_time_s")
 torch.set_num_threads(1)
@@ -60,7 +61,7 @@ class Bandit:
 
 def test_ppo_learns_a_contextual_bandit(tmp_path):
     torch.manual_seed(0)
-    args = ppo.Args(**{**ppo.PRESETS["tiny"], "img_size": 16, "num_envs": 16, "num_steps": 8, "minibatch_size": 32,
+    args = ppo.Args(**{**TINY, "img_size": 16, "num_envs": 16, "num_steps": 8, "minibatch_size": 32,
                        "total_timesteps": 16 * 8 * 40, "learning_rate": 3e-3, "save_model": False})
     agent, global_step = ppo.ppo(args, Bandit(16, 16), torch.device("cpu"), SummaryWriter(str(tmp_path)), str(tmp_path))
     assert global_step == 16 * 8 * 40
@@ -74,7 +75,7 @@ def test_quick_evaluations_are_logged_against_samples_and_leave_training_unchang
     agents = []
     for every in (1, 0):
         torch.manual_seed(0)
-        args = ppo.Args(**{**ppo.PRESETS["tiny"], "env": "sim", "eval_every": every, "save_model": False})
+        args = ppo.Args(**{**TINY, "env": "sim", "eval_every": every, "save_model": False})
         writer = SummaryWriter(str(tmp_path / str(every)))
         agent, _ = ppo.ppo(args, ppo.Simulator(args, args.num_envs, args.seed, torch.device("cpu")),
                            torch.device("cpu"), writer, str(tmp_path))
@@ -90,7 +91,7 @@ def test_quick_evaluations_are_logged_against_samples_and_leave_training_unchang
 
 
 def run_script(*args, timeout=120):
-    return subprocess.run([sys.executable, "ppo_baseline.py", "--preset", "tiny", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "ppo_baseline.py", "--preset", "tiny", "--env-id", "PushT-v0", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -100,7 +101,7 @@ def global_models(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dmo")
     data = str(tmp / "PushT-v0_play.npz")
     envs.save_dataset(data, envs.collect("PushT-v0", 1200, seed=0, verbose=False))
-    r = subprocess.run([sys.executable, "dmo_sapo_diamond.py", "--preset", "tiny", "--stop-after", "reward_model",
+    r = subprocess.run([sys.executable, "dmo_sapo_diamond.py", "--preset", "tiny", "--env-id", "PushT-v0", "--stop-after", "reward_model",
                         "--runs-dir", str(tmp / "runs"), "--data-path", data, "--no-capture-video"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -114,7 +115,7 @@ def check_run(runs_dir, env):
     assert all(k in result for k in KEYS), result
     assert result["episodes"] == 2 and result["global_step"] == 64 and 0 <= result["mean_coverage"] <= 1
     # the checkpoint alone reproduces the evaluation
-    args = ppo.Args(**{**ppo.PRESETS["tiny"], "env": env})
+    args = ppo.Args(**{**TINY, "env": env})
     ckpt = ppo.dmo.load_checkpoint(str(run_dir / "agent.pt"), "ppo_agent", args)
     agent = ppo.Agent(args.img_size, args.frame_stack, args.cnn_channels, args.hidden)
     agent.load_state_dict(ckpt["agent"])
