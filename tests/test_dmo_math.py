@@ -312,6 +312,31 @@ def test_rssm_pretraining_sequences_take_the_action_into_each_frame():
     assert is_first[:, 0].all() and not is_first[:, 1:].any()
 
 
+def test_imagination_starts_are_filtered_with_the_action_into_each_frame():
+    data, n = coded_data(), 4
+    seen = {}
+
+    class Recorder:  # the RSSM calls play_context makes
+        image = True
+
+        def encode(self, x):
+            return x
+
+        def observe(self, embed, actions, is_first, sample=True):
+            seen.update(embed=embed, actions=actions, is_first=is_first)
+            return {"deter": embed.flatten(2)}, None
+
+    first = torch.tensor([0, 9, 30])
+    frames, actions, _ = dmo.play_context(data, Recorder(), first, n)
+    idx = first[:, None] + torch.arange(n)
+    torch.testing.assert_close(seen["embed"], dmo.to_float(data["obs"][idx]) / 2)
+    assert torch.equal(seen["actions"][:, 0], torch.zeros(3, 2))
+    assert torch.equal(seen["actions"][:, 1:], data["action"][idx[:, :-1]])
+    assert seen["is_first"][:, 0].all() and not seen["is_first"][:, 1:].any()
+    # DIAMOND's context: the frames and the actions taken after all but the last (the policy's comes next)
+    assert torch.equal(frames, dmo.to_float(data["obs"][idx])) and torch.equal(actions, data["action"][idx[:, :-1]])
+
+
 def test_evaluation_feeds_the_rssm_the_action_that_led_into_each_frame(monkeypatch):
     args = dmo.Args(**{**dmo.PRESETS["tiny"], "env_id": "PushTReach-v0"})
     torch.manual_seed(0)
