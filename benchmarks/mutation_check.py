@@ -116,6 +116,10 @@ MUTATIONS = [
       "for buf, x in zip(chunk, (store(next_obs), action.detach(), r)):",
       "for buf, x in zip(chunk, (store(next_obs), torch.zeros_like(action), r)):",
       DMO_MATH, "-k", "imagined_trajectory"),
+    m("imagination starts filtered without shifting the actions", DMO, "play_context",
+      "local_obs(data, idx))), into, is_first, sample=sample)",
+      "local_obs(data, idx))), actions, is_first, sample=sample)",
+      DMO_MATH, "-k", "imagination_starts"),
     m("DIAMOND conditioned on the new action first", DMO, "Rollouts.forward",
       "past_actions = torch.cat([self.actions, action[:, None]], 1)",
       "past_actions = torch.cat([action[:, None], self.actions], 1)",
@@ -173,15 +177,15 @@ def main():
     parser.add_argument("--timeout", type=float, default=300, help="seconds per pytest run")
     opts = parser.parse_args()
     mutations = [mu for mu in MUTATIONS if opts.k.lower() in mu["name"].lower()]
-    if opts.list:
-        for mu in mutations:
-            print(f"{mu['name']} ({mu['file']}: {mu['where']}): pytest {' '.join(mu['tests'])}")
-        return 0
     sources = {}
     for mu in mutations:  # every original string occurs exactly once, checked before anything runs
         text = sources.setdefault(mu["file"], open(os.path.join(ROOT, mu["file"])).read())
         count = text.count(mu["old"])
         assert count == 1, f"{mu['name']}: the original string occurs {count} times in {mu['file']}: {mu['old']!r}"
+    if opts.list:
+        for mu in mutations:
+            print(f"{mu['name']} ({mu['file']}: {mu['where']}): pytest {' '.join(mu['tests'])}")
+        return 0
     t_start = time.time()
     with tempfile.TemporaryDirectory(prefix="mutation_check_") as tmp:
         repo = os.path.join(tmp, "repo")
