@@ -6,13 +6,16 @@ EDM's training target and the Euler sampler. Each test fails under a deliberate 
 
 import copy
 import math
+import os
+import sys
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-import dmo_sapo_diamond as dmo
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import dmo_sapo_diamond as dmo  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -184,7 +187,7 @@ def test_imagined_trajectory_for_the_critic_and_the_replay(horizon):
 # dmo_sapo's updates: the actor loss, the critic's targets, the temperature (one horizon stubbed)
 # ----------------------------------------------------------------------------------------------------
 class RecordingCritic(dmo.Critic):
-    """The script's critic; its initial copy is kept, and every training call records (input, output, d loss /
+    """The script's critic; its initial parameters are kept, and every training call records (input, output, d loss /
     d output), from which the regression target is recovered: loss = sum_k mean_i (V_k(x_i) - G_i)^2."""
 
     made = []
