@@ -676,8 +676,11 @@ def validate_dataset(data: dict, path: str = "<memory>") -> None:
         fail("obs", "no frames (empty episode)")
     if action.dtype != np.float32 or action.ndim != 2 or len(action) != n:
         fail("action", f"expected float32 [{n}, A], got {action.dtype} {list(action.shape)}")
-    if not np.isfinite(action).all() or np.abs(action).max() > 1.0 + 1e-6:
-        i = int(np.argmax(np.where(np.isfinite(action), np.abs(action), np.inf).max(axis=1)))
+    if not np.isfinite(action).all():
+        i = int(np.flatnonzero(~np.isfinite(action).all(axis=1))[0])
+        fail("action", f"{'NaN' if np.isnan(action[i]).any() else 'infinite'} values (row {i}: {action[i].tolist()})")
+    if np.abs(action).max() > 1.0 + 1e-6:
+        i = int(np.argmax(np.abs(action).max(axis=1)))
         fail("action", f"values outside [-1, 1] (row {i}: {action[i].tolist()})")
     if is_first.dtype != np.bool_ or is_first.shape != (n,):
         fail("is_first", f"expected bool [{n}], got {is_first.dtype} {list(is_first.shape)}")
@@ -710,10 +713,20 @@ def load_dataset(path: str) -> dict:
     """Load and validate a data file; any problem is a DatasetError naming the file and the key."""
     if not os.path.isfile(path):
         raise DatasetError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        if f.read(2) != b"PK":  # a .npz file is a zip archive
+            raise DatasetError(f"{path}: not a valid .npz data file (not a zip archive of arrays; README: the data file)")
+    data, key = {}, None
     try:
         with np.load(path, allow_pickle=False) as f:
-            data = {k: f[k] for k in f.files}
-    except Exception as e:  # truncated or not an npz at all
+            for key in f.files:
+                data[key] = f[key]
+    except ValueError as e:
+        if "allow_pickle" in str(e):  # an array of Python objects: never unpickled from a data file
+            raise DatasetError(f"{path}: key '{key}': an array of Python objects, not a valid .npz data file of "
+                               f"numbers (README: Bring your own robot data)") from None
+        raise DatasetError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    except Exception as e:  # truncated or corrupt
         raise DatasetError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
     validate_dataset(data, path)
     return data

@@ -270,7 +270,8 @@ BAD = {
     "action dtype": (lambda d: d.update(action=d["action"].astype(np.float64)), "'action'.*float32"),
     "action length": (lambda d: d.update(action=d["action"][:-1]), "'action'"),
     "action range": (lambda d: d["action"].__setitem__((3, 1), 1.5), "'action'.*outside.*row 3"),
-    "action nan": (lambda d: d["action"].__setitem__((2, 0), np.nan), "'action'.*outside.*row 2"),
+    "action nan": (lambda d: d["action"].__setitem__((2, 0), np.nan), "'action': NaN values \\(row 2"),
+    "action inf": (lambda d: d["action"].__setitem__((4, 1), -np.inf), "'action': infinite values \\(row 4"),
     "is_first dtype": (lambda d: d.update(is_first=d["is_first"].astype(np.int64)), "'is_first'.*bool"),
     "is_first start": (lambda d: d["is_first"].__setitem__(0, False), "'is_first'.*first frame"),
     "one-frame episode": (lambda d: d["is_first"].__setitem__(6, True), "'is_first'.*episode 1"),
@@ -309,6 +310,23 @@ def test_unreadable_files(tmp_path):
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(envs.DatasetError, match="not a readable .npz"):
         envs.load_dataset(str(path))
+
+
+def test_junk_files_are_not_valid_data_files(tmp_path):
+    text = tmp_path / "notes.npz"
+    text.write_text("frame,action\n0,0.5\n")
+    with pytest.raises(envs.DatasetError) as e:
+        envs.load_dataset(str(text))
+    assert "not a valid .npz data file" in str(e.value) and "pickle" not in str(e.value) and str(text) in str(e.value)
+    npy = tmp_path / "frames.npy"
+    np.save(npy, np.zeros((2, 64, 64, 3), np.uint8))
+    with pytest.raises(envs.DatasetError, match="not a valid .npz data file"):
+        envs.load_dataset(str(npy))
+    objects = tmp_path / "objects.npz"  # an object array would need unpickling: refused by name, without pickle advice
+    np.savez(objects, **{**small_dataset(), "obs": np.array([None, 1], dtype=object)})
+    with pytest.raises(envs.DatasetError) as e:
+        envs.load_dataset(str(objects))
+    assert "key 'obs': an array of Python objects" in str(e.value) and "allow_pickle" not in str(e.value)
 
 
 def test_collectors_write_valid_data():
