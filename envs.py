@@ -23,6 +23,7 @@ import dataclasses
 import math
 import os
 import sys
+import time
 import warnings
 from typing import Annotated
 
@@ -761,6 +762,9 @@ def record_episode(env, policy, max_frames: int, seed: int):
     return frames, bool(info["is_success"])
 
 
+PROGRESS_FRAMES = 10_000  # collections of at least this many frames print a progress line every 10 %
+
+
 def collect(env_id: str, steps: int, seed: int = 0, demo_fraction: float = 0.0, verbose: bool = True) -> dict:
     """Record `steps` frames from the simulator: play episodes, and scripted demonstrations for a
     `demo_fraction` of the frames (EgoPushCube-v0 only)."""
@@ -770,7 +774,8 @@ def collect(env_id: str, steps: int, seed: int = 0, demo_fraction: float = 0.0, 
     rng = np.random.default_rng(seed)
     play = PLAY_POLICIES.get(env_id, push_cube_play_policy)
     episodes, is_demo, demo_stats = [], [], [0, 0]
-    n = demo_n = 0
+    n = demo_n = tenths = 0
+    t0 = time.time()
     while n < steps:
         demo = demo_fraction > 0 and demo_n <= demo_fraction * n
         policy = (push_cube_demonstrator if demo else play)(env.unwrapped, rng)
@@ -784,6 +789,10 @@ def collect(env_id: str, steps: int, seed: int = 0, demo_fraction: float = 0.0, 
             demo_n += len(frames)
             demo_stats[0] += 1
             demo_stats[1] += success
+        if verbose and steps >= PROGRESS_FRAMES and 10 * n // steps > tenths and n < steps:
+            tenths = 10 * n // steps
+            left = (steps - n) * (time.time() - t0) / n
+            print(f"collecting {env_id}: {n}/{steps} frames ({n / steps:.0%}), {left:.0f} s left", flush=True)
     frames = [f for ep in episodes for f in ep]
     data = {
         "obs": np.stack([f["obs"] for f in frames]),
@@ -872,6 +881,12 @@ def main(argv=None) -> int:
             return 0
         if cmd.env_id not in ("PushT-v0", "PushTReach-v0", "PushTPuck-v0", "EgoPushCube-v0"):
             raise ValueError(f"unknown env_id {cmd.env_id!r} (PushT-v0, PushTReach-v0, PushTPuck-v0 or EgoPushCube-v0)")
+        if cmd.steps < 2:
+            raise ValueError(f"steps ({cmd.steps}) must be at least 2: an episode needs two frames")
+        if cmd.seed < 0:
+            raise ValueError(f"seed ({cmd.seed}) must not be negative")
+        if not (cmd.demo_fraction == -1 or 0 <= cmd.demo_fraction <= 1):
+            raise ValueError(f"demo_fraction ({cmd.demo_fraction}) must be in [0, 1] (or -1: the task's default)")
         if cmd.goal_videos and cmd.env_id not in PLAY_POLICIES:
             raise ValueError("--goal-videos exists for the Push-T ladder (PushT-v0, PushTReach-v0, PushTPuck-v0) only")
         fraction = 1.0 if cmd.demos else cmd.demo_fraction

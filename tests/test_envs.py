@@ -370,6 +370,18 @@ def test_play_data_touches_the_object(capsys):
     assert all(f > 15 for f in fractions), out
 
 
+def test_collecting_many_frames_prints_progress(capsys, monkeypatch):
+    monkeypatch.setattr(envs, "PROGRESS_FRAMES", 300)
+    envs.collect("PushTReach-v0", 300, seed=0)
+    *progress, summary = capsys.readouterr().out.splitlines()
+    assert 5 <= len(progress) <= 9 and "touches the object" in summary, progress
+    percents = [int(line.split("(")[1].split("%")[0]) for line in progress]
+    assert all(line.startswith("collecting PushTReach-v0: ") and " s left" in line for line in progress)
+    assert percents == sorted(set(percents)) and percents[0] >= 10 and percents[-1] < 100
+    envs.collect("PushTReach-v0", 299, seed=0)  # fewer frames than PROGRESS_FRAMES: only the summary
+    assert len(capsys.readouterr().out.splitlines()) == 1
+
+
 def test_write_video(tmp_path):
     frames = np.random.default_rng(0).integers(0, 255, (7, 64, 64, 3), dtype=np.uint8)
     path = str(tmp_path / "v.mp4")
@@ -398,3 +410,13 @@ def test_cli_collect_and_check(tmp_path):
     assert r.returncode == 0 and envs.load_dataset(out)["is_demo"].all()
     r = run_cli("collect", "EgoPushCube-v0", "--steps", "64", "--out", out, "--goal-videos")
     assert r.returncode == 1 and "Push-T ladder" in r.stderr
+
+
+@pytest.mark.parametrize("flag, value, message", [("--steps", "1", "steps (1) must be at least 2"),
+                                                  ("--seed", "-1", "seed (-1) must not be negative"),
+                                                  ("--demo-fraction", "1.5", "demo_fraction (1.5) must be in [0, 1]")])
+def test_cli_refuses_bad_numbers_before_collecting(tmp_path, flag, value, message):
+    out = tmp_path / "sub" / "p.npz"
+    r = run_cli("collect", "PushTReach-v0", "--steps", "30", "--out", str(out), flag, value)
+    assert r.returncode == 1 and r.stderr.startswith(f"error: {message}"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "sub").exists()
