@@ -25,7 +25,6 @@ import random
 import shlex
 import signal
 import sys
-import textwrap
 import time
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -724,11 +723,16 @@ def stop_message(error, script):
 
 def presets_help(doc, presets):
     """The description --help prints: the module docstring and each preset's values."""
-    rows = [textwrap.fill(", ".join(f"{k}={v}" for k, v in values.items()) or "the defaults of the flags below",
-                          width=116, initial_indent=f"  {name:9}", subsequent_indent=" " * 11)
-            for name, values in presets.items()]
+    rows = []
+    for name, values in presets.items():
+        items = [f"{k}={v}" for k, v in values.items()] or ["the defaults of the flags below"]
+        rows.append(f"  {name:9}")
+        for i, item in enumerate(items):  # wrapped between items, never inside one (a list value has spaces)
+            if i > 0 and len(rows[-1]) + len(item) > 116:
+                rows.append(" " * 11)
+            rows[-1] += item + (", " if i + 1 < len(items) else "")
     return f"{doc.rstrip()}\n\nPresets (--preset NAME; flags given on the command line override them):\n" + \
-        "\n".join(rows)
+        "\n".join(row.rstrip() for row in rows)
 
 
 # ----------------------------------------------------------------------------------------------------
