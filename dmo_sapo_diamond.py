@@ -23,6 +23,8 @@ import json
 import math
 import os
 import random
+import shlex
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -45,7 +47,8 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     preset: Literal["tiny", "default", "paper"] = "default"
-    """sizes and budgets (PRESETS below); flags given on the command line override the preset"""
+    """sizes and budgets (each preset's values are listed at the top of --help); flags given on the command line
+    override the preset"""
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
@@ -63,6 +66,9 @@ class Args:
     (so does the run's finished RSSM when --rssm-pretrain-steps asks for more and no agent.pt was trained on it)"""
     stop_after: Optional[Literal["world_model", "reward_model", "rssm"]] = None
     """stop after this stage (its checkpoint is written); continue later with --resume"""
+    save_every: int = 500
+    """steps between checkpoints of the world model, reward model and RSSM (DMO-SAPO saves at every quick
+    evaluation); Ctrl-C saves the current stage's checkpoint too"""
 
     # Play data
     env_id: Literal["PushT-v0", "PushTReach-v0", "PushTPuck-v0"] = "PushTReach-v0"
@@ -667,8 +673,70 @@ class Progress:
         rate = (step + 1 - self.start) / max(now - self.t0, 1e-9)
         left = (self.total - step - 1) / max(rate, 1e-9)
         shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        later = len(STAGES["names"]) - STAGES["current"]  # the run's time left: this stage's is a lower bound
+        run = f" (run: >= {duration(left)} + {later} stage{'s' * (later > 1)} not timed yet)" if later > 0 else ""
         print(f"[{self.stage}] step {step + 1}/{self.total} ({100 * (step + 1) / self.total:.0f}%) {shown} | "
-              f"{rate:.2f} it/s | {left / 60:.1f} min left", flush=True)
+              f"{rate:.2f} it/s | {duration(left)} left{run}", flush=True)
+
+
+def duration(seconds):
+    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
+
+
+STAGES = {"names": [], "current": 0}  # the run's stages in order, and which one runs (1-based)
+
+
+def start_stage(name):
+    """Print `stage k of n: NAME` and the run's wall-clock so far."""
+    STAGES["current"] = STAGES["names"].index(name) + 1
+    print(f"stage {STAGES['current']} of {len(STAGES['names'])}: {name} | {duration(wall_time())} into the run",
+          flush=True)
+
+
+# Ctrl-C. While the training stages run (armed), the first Ctrl-C asks them to stop at the end of the current step,
+# where they save their checkpoint; a second Ctrl-C, or one outside them, stops at once. main() then prints the
+# command that continues the run and exits with 130.
+STOP = {"armed": False, "requested": False, "run_dir": None, "writer": None}
+
+
+class Interrupted(Exception):
+    """Ctrl-C, acted on at the end of a training step; the message says what was saved."""
+
+
+def request_stop(signum, frame):  # the SIGINT handler main() installs
+    if not STOP["armed"] or STOP["requested"]:
+        raise KeyboardInterrupt
+    STOP["requested"] = True
+    print("\nCtrl-C: stopping at the end of this step, after saving a checkpoint (Ctrl-C again: stop now)", flush=True)
+
+
+def stop_if_requested(saved):
+    if STOP["requested"]:
+        raise Interrupted(saved)
+
+
+def stop_message(error, script):
+    """Flush TensorBoard and say, in one line, what a Ctrl-C kept and the command that continues the run."""
+    if STOP["writer"] is not None:
+        STOP["writer"].close()
+    if STOP["run_dir"] is None:
+        return "interrupted before the run directory was created: nothing to continue"
+    kept = error if isinstance(error, Interrupted) else "the last saved checkpoints are kept"
+    return f"interrupted ({kept}); continue with: python {script} --resume {shlex.quote(STOP['run_dir'])}"
+
+
+def presets_help(doc, presets):
+    """The description --help prints: the module docstring and each preset's values."""
+    rows = []
+    for name, values in presets.items():
+        items = [f"{k}={v}" for k, v in values.items()] or ["the defaults of the flags below"]
+        rows.append(f"  {name:9}")
+        for i, item in enumerate(items):  # wrapped between items, never inside one (a list value has spaces)
+            if i > 0 and len(rows[-1]) + len(item) > 116:
+                rows.append(" " * 11)
+            rows[-1] += item + (", " if i + 1 < len(items) else "")
+    return f"{doc.rstrip()}\n\nPresets (--preset NAME; flags given on the command line override them):\n" + \
+        "\n".join(row.rstrip() for row in rows)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -711,8 +779,9 @@ def train_world_model(args, data, device, writer, run_dir):
         writer.add_scalar("world_model/loss", loss.item(), step)
         progress(step, loss=loss.item())
         step += 1
-        if step % 500 == 0:
+        if step % args.save_every == 0 or STOP["requested"]:
             save(False)
+            stop_if_requested(f"the world model saved at step {step}")
     save(True)
     return denoiser
 
@@ -785,8 +854,9 @@ def train_reward_model(args, data, goal, device, writer, run_dir, videos=None):
         writer.add_scalar("reward_model/train_accuracy", acc.item(), step)
         progress(step, loss=loss.item(), accuracy=acc.item())
         step += 1
-        if step % 500 == 0:
+        if step % args.save_every == 0 or STOP["requested"]:
             save(False)
+            stop_if_requested(f"the reward model saved at step {step}")
     model.eval()
     with torch.no_grad():
         _, acc = bradley_terry(batch(1024, held_out))
@@ -970,8 +1040,9 @@ def pretrain_rssm(args, data, reward_model, goal_e, device, writer, run_dir):
             writer.add_scalar(f"rssm/{k}", v, step)
         progress(step, loss=parts["loss"], recon=parts["recon"], reward=parts["reward"])
         step += 1
-        if step % 500 == 0:
+        if step % args.save_every == 0 or STOP["requested"]:
             save(False)
+            stop_if_requested(f"the RSSM saved at step {step}")
     save(True)
     if data["state"] is not None:  # the gate needs the simulator states of the play data
         print_gate(action_gradient_gate(args, data, rssm), writer, step)
@@ -1553,8 +1624,10 @@ def dmo_sapo(args, data, denoiser, reward_model, goal_e, rssm, rssm_opt, device,
             patches += 1
             patch = patch_world_model(args, denoiser, data, patch, rssm, actor, patches, device, writer, global_step,
                                       run_dir)
-        if args.save_model and (quick_eval or patch_now):
+        if args.save_model and (quick_eval or patch_now or STOP["requested"]):
             save_agent(epoch + 1)
+        stop_if_requested(f"DMO-SAPO saved at epoch {epoch + 1}" if args.save_model else
+                          f"DMO-SAPO stopped at epoch {epoch + 1}, not saved: --no-save-model")
     if args.save_model:
         save_agent(args.epochs)
     return actor, args.epochs * B * H, 0 if patch is None else len(patch["obs"])
@@ -1566,6 +1639,9 @@ def parse_args(argv=None):
     flag = lambda name: next((a.split("=", 1)[1] if "=" in a else argv[i + 1] for i, a in enumerate(argv)
                               if a == name or a.startswith(name + "=")), None)
     resume, preset = flag("--resume"), flag("--preset") or "default"
+    if resume and os.path.isfile(resume):
+        raise RunError(f"--resume {resume} is a file; --resume takes a run directory: --resume "
+                       f"{os.path.dirname(resume) or '.'}")
     if resume:
         path = os.path.join(resume, "args.json")
         if not os.path.exists(path):
@@ -1578,14 +1654,14 @@ def parse_args(argv=None):
         defaults = Args(**{**dataclasses.asdict(Args()), **PRESETS[preset], "preset": preset})
     else:
         defaults = Args()  # tyro reports the invalid choice
-    args = tyro.cli(Args, default=defaults, args=argv)
-    for name in ("play_steps", "img_size", "wm_context", "wm_denoising_steps", "wm_batch_size", "reward_batch_size",
-                 "reward_max_segment", "rssm_batch_size", "rssm_seq_len", "epochs", "num_envs", "horizon",
-                 "episode_length", "critic_epochs", "critic_minibatch", "eval_episodes", "eval_quick_episodes"):
+    args = tyro.cli(Args, default=defaults, args=argv, description=presets_help(__doc__, PRESETS))
+    for name in ("save_every", "play_steps", "img_size", "wm_context", "wm_denoising_steps", "wm_batch_size",
+                 "reward_batch_size", "reward_max_segment", "rssm_batch_size", "rssm_seq_len", "epochs", "num_envs",
+                 "horizon", "episode_length", "critic_epochs", "critic_minibatch", "eval_episodes", "eval_quick_episodes"):
         if getattr(args, name) < 1:
             raise RunError(f"{name} ({getattr(args, name)}) must be at least 1")
     for name in ("wm_steps", "reward_steps", "rssm_pretrain_steps", "rssm_finetune_steps", "eval_every", "patch_every",
-                 "exploit_check_episodes", "reward_goal_videos", "wm_ar_steps"):
+                 "exploit_check_episodes", "reward_goal_videos", "wm_ar_steps", "seed", "eval_seed"):
         if getattr(args, name) < 0:
             raise RunError(f"{name} ({getattr(args, name)}) must not be negative")
     for name in ("wm_lr", "reward_lr", "rssm_lr", "actor_lr", "critic_lr", "alpha_lr", "init_alpha"):
@@ -1612,40 +1688,88 @@ def parse_args(argv=None):
     return args
 
 
+STAGE_STEPS = {"world_model": "wm_steps", "reward_model": "reward_steps", "rssm": "rssm_pretrain_steps",
+               "agent": "epochs"}  # the stages that train, and the flag of their length
+STAGE_NAMES = {"world_model": "the world model", "reward_model": "the reward model", "rssm": "the RSSM",
+               "agent": "DMO-SAPO"}
+
+
+def training_stages(args):
+    """The stages this run trains (the oracle's simulator and true reward stand in for DIAMOND and r)."""
+    return [k for k in STAGE_STEPS if (k != "world_model" or args.forward_model != "sim")
+            and (k != "reward_model" or args.reward_source == "model")]
+
+
+def stage_checkpoints(args, run_dir=None):
+    """Load the stage checkpoints a run starts from (given by a flag, or in the run directory of --resume) and refuse
+    one of another configuration before anything is written. Returns {kind: (step, finished)} of those found (the
+    agent's step is its epoch)."""
+    found = {}
+    given = {"world_model": args.wm_checkpoint, "reward_model": args.reward_checkpoint,
+             "rssm": args.rssm_checkpoint, "agent": None}
+    for kind, checkpoint in given.items():
+        path = checkpoint or (run_dir and os.path.join(run_dir, f"{kind}.pt"))
+        if checkpoint or (path and os.path.exists(path)):
+            ckpt = load_checkpoint(path, kind, args)
+            step = ckpt["epoch"] if kind == "agent" else ckpt["step"]
+            target = getattr(args, STAGE_STEPS[kind])
+            found[kind] = (step, ckpt.get("done", True) and (step >= target or (kind == "rssm" and bool(checkpoint))))
+    return found
+
+
+def resume_point(args, run_dir, found):
+    """Where a resumed run continues, as a line to print, and the TensorBoard purge step: the events the interrupted
+    process logged from there on are dropped. The stages share x-axes that start at 0 and a purge drops every tag, so
+    it never reaches below what a finished stage logged (an unfinished stage's curve may then overlap itself, after
+    a kill; a Ctrl-C saves where it stopped logging)."""
+    kinds = training_stages(args)
+    finished = [k for k in kinds if found.get(k, (0, False))[1]]
+    todo = next((k for k in kinds if k not in finished), None)
+    samples = args.num_envs * args.horizon  # DMO-SAPO logs against world-model samples
+    logged = [found[k][0] * (samples if k == "agent" else 1) + 1 for k in finished]
+    if not found:
+        return f"resuming {run_dir}: no checkpoint yet, nothing to continue: the run starts from its first stage", 0
+    if todo is None:
+        return (f"resuming {run_dir}: every stage is finished, nothing to continue: the agent is evaluated again",
+                max(logged))
+    step = found.get(todo, (0, False))[0]
+    line = (f"resuming {run_dir}: {', '.join(STAGE_NAMES[k] for k in finished) or 'no stage'} finished; continues "
+            f"{STAGE_NAMES[todo]} at {'epoch' if todo == 'agent' else 'step'} {step} of "
+            f"{getattr(args, STAGE_STEPS[todo])}")
+    return line, max([step * samples + 1 if todo == "agent" else step] + logged)
+
+
 def run(args):
+    found = stage_checkpoints(args, args.resume)  # a flag the checkpoints refuse fails before anything is written
     if args.resume:
-        run_dir = args.resume
+        run_dir = STOP["run_dir"] = args.resume
         args.run_name = os.path.basename(os.path.normpath(run_dir))
         with open(os.path.join(run_dir, "args.json")) as f:
             trained_steps = json.load(f)["rssm_pretrain_steps"]
         if args.rssm_pretrain_steps > trained_steps and os.path.exists(os.path.join(run_dir, "agent.pt")):
             raise RunError(f"{run_dir}/agent.pt was trained on the RSSM of {trained_steps} steps: to train the RSSM "
                            f"longer, resume a copy of the run without agent.pt")
-        given = {"world_model": args.wm_checkpoint, "reward_model": args.reward_checkpoint,
-                 "rssm": args.rssm_checkpoint, "agent": None}
-        for kind, checkpoint in given.items():  # a flag the checkpoints refuse fails before args.json changes
-            if checkpoint or os.path.exists(os.path.join(run_dir, f"{kind}.pt")):
-                load_checkpoint(checkpoint or os.path.join(run_dir, f"{kind}.pt"), kind, args)
         if os.path.exists(os.path.join(run_dir, "world_model_patched.pt")):
             load_checkpoint(os.path.join(run_dir, "world_model_patched.pt"), "world_model", args)
         if os.path.exists(os.path.join(run_dir, "wall_time_s.txt")):
             with open(os.path.join(run_dir, "wall_time_s.txt")) as f:
                 CLOCK["before"] = float(f.read())
+        line, purge_step = resume_point(args, run_dir, found)
+        print(line)
     else:
         args.run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        run_dir = os.path.join(args.runs_dir, args.run_name)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump({k: v for k, v in dataclasses.asdict(args).items() if k not in ("resume", "stop_after")}, f, indent=1)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        run_dir, purge_step = os.path.join(args.runs_dir, args.run_name), 0
+    stages = {"data": "play data", "world_model": "world model (DIAMOND)", "reward_model": "reward model r",
+              "rssm": "RSSM pretraining", "agent": "DMO-SAPO", "eval": "evaluation in the simulator"}
+    kinds = ["data", *training_stages(args), "eval"]
+    STAGES["names"] = [stages[k] for k in kinds[: kinds.index(args.stop_after) + 1 if args.stop_after else None]]
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    print(f"run directory {run_dir} ({device})")
 
+    start_stage(stages["data"])  # data first: a file it refuses leaves no run directory behind
     data = load_play_data(args, device)
     if args.forward_model == "sim" or args.reward_source == "true":
         if data["state"] is None:
@@ -1656,26 +1780,47 @@ def run(args):
     if args.local_obs == "state":
         data["local"] = torch.as_tensor(envs.state_observation(data["state"]), device=device)
     goal = to_float(torch.as_tensor(envs.goal_image(args.env_id, args.img_size), device=device).permute(2, 0, 1))
+    goal_videos = None
+    if args.reward_source == "model" and args.stop_after != "world_model" and (args.reward_goal_videos > 0
+                                                                             or args.reward_video_path):
+        goal_videos = load_goal_videos(args, device)
+
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump({k: v for k, v in dataclasses.asdict(args).items() if k not in ("resume", "stop_after")}, f, indent=1)
+    writer = STOP["writer"] = SummaryWriter(run_dir, purge_step=purge_step)
+    writer.add_text("hyperparameters",
+                    "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    STOP["run_dir"], STOP["armed"] = run_dir, True  # Ctrl-C from here on: the stages stop and save (request_stop)
+    print(f"run directory {run_dir} ({device})")
+
+    def stopped_after(stage):
+        writer.close()
+        print(f"stopped after {STAGE_NAMES[stage]} (--stop-after {stage}); continue with: python "
+              f"{os.path.basename(__file__)} --resume {shlex.quote(run_dir)}")
 
     # Offline training of the diamond diffusion world model f-> and global reward world model r (the oracle's
     # simulator and true reward stand in for them)
     denoiser = None
     if args.forward_model != "sim":
+        start_stage(stages["world_model"])
         denoiser = train_world_model(args, data, device, writer, run_dir).eval().requires_grad_(False)
     if args.stop_after == "world_model":
-        return None
+        return stopped_after("world_model")
     reward_model, goal_e = None, None
     if args.reward_source == "model":
-        videos = load_goal_videos(args, device) if args.reward_goal_videos > 0 or args.reward_video_path else None
-        reward_model = train_reward_model(args, data, goal, device, writer, run_dir, videos).eval().requires_grad_(False)
+        start_stage(stages["reward_model"])
+        reward_model = train_reward_model(args, data, goal, device, writer, run_dir, goal_videos)
+        reward_model = reward_model.eval().requires_grad_(False)
         goal_e = reward_model.embed(goal[None])
     if args.stop_after == "reward_model":
-        return None
+        return stopped_after("reward_model")
 
     # Offline pretraining of the local dreamerV3 world model f<- (including its reward head R_phi)
+    start_stage(stages["rssm"])
     rssm, rssm_opt = pretrain_rssm(args, data, reward_model, goal_e, device, writer, run_dir)
     if args.stop_after == "rssm":
-        return None
+        return stopped_after("rssm")
     if args.capture_video and denoiser is not None:
         video, errors = imagined_vs_real(args, data, denoiser, rssm)
         envs.write_video(os.path.join(run_dir, "imagined_vs_real_pretrained.mp4"), video)
@@ -1684,10 +1829,13 @@ def run(args):
         writer.add_scalar("world_model/open_loop_mse", errors["diamond"], 0)
         writer.add_scalar("rssm/open_loop_mse", errors["rssm"], 0)
 
+    start_stage(stages["agent"])
     actor, global_step, patch_frames = dmo_sapo(args, data, denoiser, reward_model, goal_e, rssm, rssm_opt, device,
                                                 writer, run_dir)
 
     # Zero-shot deployment in the simulator
+    STOP["armed"] = False  # every checkpoint is saved: a Ctrl-C from here on stops at once
+    start_stage(stages["eval"])
     print(f"evaluating {args.eval_episodes} episodes in {args.env_id}")
     keep = args.exploit_check_steps if args.exploit_check_episodes > 0 and denoiser and reward_model else 0
     metrics, videos, trajectory = evaluate(args, rssm, actor, args.eval_episodes, args.eval_seed, device,
@@ -1720,15 +1868,34 @@ def run(args):
         json.dump(result, f, indent=1)
     writer.close()
     print(json.dumps(result))
+    print_summary(result, run_dir, [f"eval_episode_{i}.mp4" for i in range(len(videos))]
+                  + ["imagined_vs_real_final.mp4"] * (args.capture_video and denoiser is not None))
     return result
 
 
+def print_summary(result, run_dir, videos):
+    """After eval.json's line: the result in words and where the run's outputs are."""
+    print(f"done in {duration(result['wall_time_s'])}: {result['successes']} of {result['episodes']} evaluation "
+          f"episodes succeeded ({eval_line(result)})")
+    print(f"  results      {os.path.join(run_dir, 'eval.json')}")
+    for i, video in enumerate(videos):
+        print(f"  {'videos' if i == 0 else '':13}{os.path.join(run_dir, video)}")
+    print(f"  TensorBoard  tensorboard --logdir {shlex.quote(run_dir)}")
+
+
 def main(argv=None):
+    STOP.update(armed=False, requested=False, run_dir=None, writer=None)
+    previous = signal.signal(signal.SIGINT, request_stop)
     try:
         run(parse_args(argv))
     except (RunError, envs.DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except (Interrupted, KeyboardInterrupt) as e:
+        print(stop_message(e, os.path.basename(__file__)), file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     return 0
 
 

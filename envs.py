@@ -23,6 +23,7 @@ import dataclasses
 import math
 import os
 import sys
+import time
 import warnings
 from typing import Annotated
 
@@ -676,8 +677,11 @@ def validate_dataset(data: dict, path: str = "<memory>") -> None:
         fail("obs", "no frames (empty episode)")
     if action.dtype != np.float32 or action.ndim != 2 or len(action) != n:
         fail("action", f"expected float32 [{n}, A], got {action.dtype} {list(action.shape)}")
-    if not np.isfinite(action).all() or np.abs(action).max() > 1.0 + 1e-6:
-        i = int(np.argmax(np.where(np.isfinite(action), np.abs(action), np.inf).max(axis=1)))
+    if not np.isfinite(action).all():
+        i = int(np.flatnonzero(~np.isfinite(action).all(axis=1))[0])
+        fail("action", f"{'NaN' if np.isnan(action[i]).any() else 'infinite'} values (row {i}: {action[i].tolist()})")
+    if np.abs(action).max() > 1.0 + 1e-6:
+        i = int(np.argmax(np.abs(action).max(axis=1)))
         fail("action", f"values outside [-1, 1] (row {i}: {action[i].tolist()})")
     if is_first.dtype != np.bool_ or is_first.shape != (n,):
         fail("is_first", f"expected bool [{n}], got {is_first.dtype} {list(is_first.shape)}")
@@ -710,10 +714,20 @@ def load_dataset(path: str) -> dict:
     """Load and validate a data file; any problem is a DatasetError naming the file and the key."""
     if not os.path.isfile(path):
         raise DatasetError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        if f.read(2) != b"PK":  # a .npz file is a zip archive
+            raise DatasetError(f"{path}: not a valid .npz data file (not a zip archive of arrays; README: the data file)")
+    data, key = {}, None
     try:
         with np.load(path, allow_pickle=False) as f:
-            data = {k: f[k] for k in f.files}
-    except Exception as e:  # truncated or not an npz at all
+            for key in f.files:
+                data[key] = f[key]
+    except ValueError as e:
+        if "allow_pickle" in str(e):  # an array of Python objects: never unpickled from a data file
+            raise DatasetError(f"{path}: key '{key}': an array of Python objects, not a valid .npz data file of "
+                               f"numbers (README: Bring your own robot data)") from None
+        raise DatasetError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    except Exception as e:  # truncated or corrupt
         raise DatasetError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
     validate_dataset(data, path)
     return data
@@ -748,6 +762,9 @@ def record_episode(env, policy, max_frames: int, seed: int):
     return frames, bool(info["is_success"])
 
 
+PROGRESS_FRAMES = 10_000  # collections of at least this many frames print a progress line every 10 %
+
+
 def collect(env_id: str, steps: int, seed: int = 0, demo_fraction: float = 0.0, verbose: bool = True) -> dict:
     """Record `steps` frames from the simulator: play episodes, and scripted demonstrations for a
     `demo_fraction` of the frames (EgoPushCube-v0 only)."""
@@ -757,7 +774,8 @@ def collect(env_id: str, steps: int, seed: int = 0, demo_fraction: float = 0.0, 
     rng = np.random.default_rng(seed)
     play = PLAY_POLICIES.get(env_id, push_cube_play_policy)
     episodes, is_demo, demo_stats = [], [], [0, 0]
-    n = demo_n = 0
+    n = demo_n = tenths = 0
+    t0 = time.time()
     while n < steps:
         demo = demo_fraction > 0 and demo_n <= demo_fraction * n
         policy = (push_cube_demonstrator if demo else play)(env.unwrapped, rng)
@@ -771,6 +789,10 @@ def collect(env_id: str, steps: int, seed: int = 0, demo_fraction: float = 0.0, 
             demo_n += len(frames)
             demo_stats[0] += 1
             demo_stats[1] += success
+        if verbose and steps >= PROGRESS_FRAMES and 10 * n // steps > tenths and n < steps:
+            tenths = 10 * n // steps
+            left = (steps - n) * (time.time() - t0) / n
+            print(f"collecting {env_id}: {n}/{steps} frames ({n / steps:.0%}), {left:.0f} s left", flush=True)
     frames = [f for ep in episodes for f in ep]
     data = {
         "obs": np.stack([f["obs"] for f in frames]),
@@ -859,6 +881,12 @@ def main(argv=None) -> int:
             return 0
         if cmd.env_id not in ("PushT-v0", "PushTReach-v0", "PushTPuck-v0", "EgoPushCube-v0"):
             raise ValueError(f"unknown env_id {cmd.env_id!r} (PushT-v0, PushTReach-v0, PushTPuck-v0 or EgoPushCube-v0)")
+        if cmd.steps < 2:
+            raise ValueError(f"steps ({cmd.steps}) must be at least 2: an episode needs two frames")
+        if cmd.seed < 0:
+            raise ValueError(f"seed ({cmd.seed}) must not be negative")
+        if not (cmd.demo_fraction == -1 or 0 <= cmd.demo_fraction <= 1):
+            raise ValueError(f"demo_fraction ({cmd.demo_fraction}) must be in [0, 1] (or -1: the task's default)")
         if cmd.goal_videos and cmd.env_id not in PLAY_POLICIES:
             raise ValueError("--goal-videos exists for the Push-T ladder (PushT-v0, PushTReach-v0, PushTPuck-v0) only")
         fraction = 1.0 if cmd.demos else cmd.demo_fraction

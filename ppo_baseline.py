@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,7 +36,8 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     preset: Literal["tiny", "default", "paper"] = "default"
-    """sizes and budgets (PRESETS below); flags given on the command line override the preset"""
+    """sizes and budgets (each preset's values are listed at the top of --help); flags given on the command line
+    override the preset"""
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
@@ -51,7 +53,7 @@ class Args:
     resume: Optional[str] = None
     """a run directory to continue from its agent.pt (its environments start new episodes)"""
     save_every: int = 50
-    """iterations between checkpoints (and one at the end)"""
+    """iterations between checkpoints (and one at the end); Ctrl-C saves one too"""
 
     # Environment
     env: Literal["world-model", "sim"] = "world-model"
@@ -354,6 +356,9 @@ def parse_args(argv=None):
     flag = lambda name: next((a.split("=", 1)[1] if "=" in a else argv[i + 1] for i, a in enumerate(argv)
                               if (a == name and i + 1 < len(argv)) or a.startswith(name + "=")), None)
     resume, preset = flag("--resume"), flag("--preset") or "default"
+    if resume and os.path.isfile(resume):
+        raise dmo.RunError(f"--resume {resume} is a file; --resume takes a run directory: --resume "
+                           f"{os.path.dirname(resume) or '.'}")
     if resume:
         path = os.path.join(resume, "args.json")
         if not os.path.exists(path):
@@ -364,13 +369,41 @@ def parse_args(argv=None):
         defaults = Args(**{**dataclasses.asdict(Args()), **PRESETS[preset], "preset": preset})
     else:
         defaults = Args()  # tyro reports the invalid choice
-    args = tyro.cli(Args, default=defaults, args=argv)
+    args = tyro.cli(Args, default=defaults, args=argv, description=dmo.presets_help(__doc__, PRESETS))
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """Every numeric flag, before anything is created: a RunError (one line, exit code 1) names the first bad one."""
+    for name in ("save_every", "img_size", "frame_stack", "wm_denoising_steps", "play_steps", "episode_length",
+                 "total_timesteps", "num_envs", "num_steps", "minibatch_size", "update_epochs", "eval_episodes",
+                 "eval_quick_episodes"):
+        if getattr(args, name) < 1:
+            raise dmo.RunError(f"{name} ({getattr(args, name)}) must be at least 1")
+    for name in ("seed", "eval_every", "eval_seed", "ent_coef", "vf_coef"):
+        if getattr(args, name) < 0:
+            raise dmo.RunError(f"{name} ({getattr(args, name)}) must not be negative")
+    for name in ("learning_rate", "clip_coef", "max_grad_norm"):
+        if not getattr(args, name) > 0:
+            raise dmo.RunError(f"{name} ({getattr(args, name)}) must be positive")
+    for name in ("gamma", "gae_lambda"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise dmo.RunError(f"{name} ({getattr(args, name)}) must be in [0, 1]")
+    for name in ("cnn_channels", "hidden"):
+        if not getattr(args, name) or min(getattr(args, name)) < 1:
+            raise dmo.RunError(f"{name} ({getattr(args, name)}) must be one or more sizes of at least 1")
+    if args.img_size < 2 ** len(args.cnn_channels):
+        raise dmo.RunError(f"img_size ({args.img_size}) must be at least 2^len(cnn_channels) "
+                           f"({2 ** len(args.cnn_channels)}): each convolution halves the frame")
+    if args.total_timesteps < args.num_envs * args.num_steps:
+        raise dmo.RunError(f"total_timesteps ({args.total_timesteps}) must be at least one rollout, num_envs * "
+                           f"num_steps ({args.num_envs * args.num_steps})")
     if args.env == "world-model" and not (args.wm_checkpoint and args.reward_checkpoint):
         raise dmo.RunError("--env world-model needs --wm-checkpoint and --reward-checkpoint (from dmo_sapo_diamond.py)")
     if (args.num_envs * args.num_steps) % args.minibatch_size:
         raise dmo.RunError(f"num_envs * num_steps ({args.num_envs * args.num_steps}) must be a multiple of "
                            f"minibatch_size ({args.minibatch_size})")
-    return args
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -393,7 +426,10 @@ def ppo(args, env, device, writer, run_dir):
         agent.load_state_dict(ckpt["agent"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start, global_step = ckpt["iteration"], ckpt["global_step"]
-        print(f"PPO: resuming {path} at iteration {start}")
+        print(f"PPO: resuming {path} at iteration {start} of {num_iterations} ({global_step:,} samples)"
+              + (": nothing to continue, the agent is evaluated again" if start >= num_iterations else ""))
+    elif args.resume:
+        print(f"PPO: {path} does not exist, nothing to continue: training starts at iteration 0")
 
     def save(iteration):
         if args.save_model:
@@ -470,15 +506,17 @@ def ppo(args, env, device, writer, run_dir):
             metrics, _ = evaluate(args, agent, args.eval_quick_episodes, args.eval_seed, device)  # uses no RNG
             dmo.log_eval(writer, metrics, global_step)
             print(f"[eval] {global_step:,} samples: {dmo.eval_line(metrics)}")
-        if (iteration + 1) % args.save_every == 0:
+        if (iteration + 1) % args.save_every == 0 or dmo.STOP["requested"]:
             save(iteration + 1)
+            dmo.stop_if_requested(f"PPO saved at iteration {iteration + 1}" if args.save_model else
+                                  f"PPO stopped at iteration {iteration + 1}, not saved: --no-save-model")
     save(num_iterations)
     return agent, global_step
 
 
 def run(args):
     if args.resume:
-        run_dir = args.resume
+        run_dir = dmo.STOP["run_dir"] = args.resume
         args.run_name = os.path.basename(os.path.normpath(run_dir))
         if os.path.exists(os.path.join(run_dir, "wall_time_s.txt")):
             with open(os.path.join(run_dir, "wall_time_s.txt")) as f:
@@ -491,7 +529,11 @@ def run(args):
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    stages = ["the world model, reward model and play data" if args.env == "world-model" else "the simulators",
+              f"PPO in the {args.env}", f"evaluation in {args.env_id}"]
+    dmo.STAGES["names"] = stages
 
+    dmo.start_stage(stages[0])
     if args.env == "world-model":
         world = DiamondWorld(args, device)  # checkpoints first: a wrong one fails before anything is written
         if args.frame_stack > world.context:
@@ -502,18 +544,23 @@ def run(args):
     else:
         env = Simulator(args, args.num_envs, args.seed, device)
 
+    purge_step = 0  # TensorBoard drops what a killed process logged after the checkpoint it resumes from
     if args.resume and os.path.exists(os.path.join(run_dir, "agent.pt")):  # refuse changed flags before args.json
-        dmo.load_checkpoint(os.path.join(run_dir, "agent.pt"), "ppo_agent", args)
+        purge_step = dmo.load_checkpoint(os.path.join(run_dir, "agent.pt"), "ppo_agent", args)["global_step"] + 1
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "args.json"), "w") as f:
         json.dump({k: v for k, v in dataclasses.asdict(args).items() if k != "resume"}, f, indent=1)
-    writer = SummaryWriter(run_dir)
+    writer = dmo.STOP["writer"] = SummaryWriter(run_dir, purge_step=purge_step)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    dmo.STOP["run_dir"], dmo.STOP["armed"] = run_dir, True  # Ctrl-C from here on: PPO stops and saves
     print(f"run directory {run_dir} ({device}), PPO in the {args.env} at {args.img_size}x{args.img_size}")
 
+    dmo.start_stage(stages[1])
     agent, global_step = ppo(args, env, device, writer, run_dir)
 
     # Zero-shot deployment in the simulator
+    dmo.STOP["armed"] = False  # the agent is saved: a Ctrl-C from here on stops at once
+    dmo.start_stage(stages[2])
     print(f"evaluating {args.eval_episodes} episodes in {args.env_id}")
     metrics, videos = evaluate(args, agent.eval(), args.eval_episodes, args.eval_seed, device,
                                record=3 if args.capture_video else 0)
@@ -525,15 +572,23 @@ def run(args):
         json.dump(result, f, indent=1)
     writer.close()
     print(json.dumps(result))
+    dmo.print_summary(result, run_dir, [f"eval_episode_{i}.mp4" for i in range(len(videos))])
     return result
 
 
 def main(argv=None):
+    dmo.STOP.update(armed=False, requested=False, run_dir=None, writer=None)
+    previous = signal.signal(signal.SIGINT, dmo.request_stop)
     try:
         run(parse_args(argv))
     except (dmo.RunError, envs.DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except (dmo.Interrupted, KeyboardInterrupt) as e:
+        print(dmo.stop_message(e, os.path.basename(__file__)), file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     return 0
 
 

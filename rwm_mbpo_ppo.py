@@ -10,13 +10,15 @@ rewards, termination) is defined here in `make_env`. See ../shared/ALGORITHMS.md
     python rwm_mbpo_ppo.py --mode ppo-sim --seed 1               # the same PPO in the simulator
     python rwm_mbpo_ppo.py --mode prediction-study --seed 1      # Fig. 6-8: RWM-AR/TF, MLP, RSSM, Transformer
     python rwm_mbpo_ppo.py --preset tiny --forecast-horizon 1    # RWM-TF ablation, smoke size
-    python rwm_mbpo_ppo.py --resume runs/RUN/checkpoint.pt       # continue a killed run
+    python rwm_mbpo_ppo.py --resume runs/RUN                     # continue a stopped run (Ctrl-C saves it)
 """
 
 import json
 import math
 import os
 import random
+import shlex
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -49,13 +51,14 @@ class Args:
     save_model: bool = True
     """write checkpoints to the run folder"""
     preset: Literal["tiny", "default", "paper"] = "default"
-    """size preset (PRESETS below); flags given on the command line override it"""
+    """size preset (each preset's values are listed at the top of --help); flags given on the command line override
+    it"""
     mode: Literal["mbpo-ppo", "ppo-sim", "prediction-study"] = "mbpo-ppo"
     """Algorithm 1, model-free PPO in the simulator, or the prediction-error study (Fig. 6-8)"""
     runs_dir: str = "runs"
     """outputs go to {runs_dir}/{run_name}/"""
     resume: Optional[str] = None
-    """checkpoint to continue from (its run folder is reused)"""
+    """a run directory to continue from its checkpoint.pt (with its args.json; flags given override them)"""
 
     # Task (Ant-v5 velocity tracking)
     env_id: str = "AntVelocity-v5"
@@ -181,17 +184,80 @@ def cli_value(name):
     return None
 
 
+def presets_help(doc, presets):
+    """The description --help prints: the module docstring and each preset's values."""
+    rows = []
+    for name, values in presets.items():
+        items = [f"{k}={v}" for k, v in values.items()] or ["the defaults of the flags below"]
+        rows.append(f"  {name:9}")
+        for i, item in enumerate(items):  # wrapped between items, never inside one (a list value has spaces)
+            if i > 0 and len(rows[-1]) + len(item) > 116:
+                rows.append(" " * 11)
+            rows[-1] += item + (", " if i + 1 < len(items) else "")
+    return f"{doc.rstrip()}\n\nPresets (--preset NAME; flags given on the command line override them):\n" + \
+        "\n".join(row.rstrip() for row in rows)
+
+
 def parse_args():
-    """Preset values, then the flags of the command line; with --resume the checkpoint's arguments instead of a preset."""
+    """Preset values, then the flags of the command line; with --resume the run's args.json instead of a preset.
+    Everything is checked before a run directory is created: one-line errors, exit code 1."""
     preset, resume = cli_value("--preset") or "default", cli_value("--resume")
     if preset not in PRESETS:
         raise SystemExit(f"error: --preset must be one of {list(PRESETS)}, got {preset!r}")
-    ckpt = load_checkpoint(resume) if resume else None
-    defaults = dict(ckpt["args"], resume=resume) if ckpt else dict(PRESETS[preset], preset=preset)
-    args = tyro.cli(Args, default=Args(**defaults))
-    if ckpt:
-        load_checkpoint(resume, args)  # flags that change the architecture or the data layout are refused
+    if resume and os.path.isfile(resume):
+        raise SystemExit(f"error: --resume {resume} is a file; --resume takes a run directory: "
+                         f"--resume {os.path.dirname(resume) or '.'}")
+    if resume and not os.path.isfile(os.path.join(resume, "args.json")):
+        raise SystemExit(f"error: --resume {resume}: not a run directory (no args.json)")
+    if resume:
+        with open(os.path.join(resume, "args.json")) as f:
+            saved = json.load(f)
+        defaults = dict(saved, resume=resume, study_noise=tuple(saved["study_noise"]))
+    else:
+        defaults = dict(PRESETS[preset], preset=preset)
+    args = tyro.cli(Args, default=Args(**defaults), description=presets_help(__doc__, PRESETS))
+    check_args(args)
+    ckpt, path = None, resume and os.path.join(resume, "checkpoint.pt")
+    if resume and args.mode == "prediction-study":
+        raise SystemExit(f"error: --resume {resume}: a prediction study keeps no checkpoint to continue from; run it "
+                         f"again")
+    if resume and os.path.exists(path):
+        ckpt = load_checkpoint(path, args)  # flags that change the architecture or the data layout are refused
+    if args.study_policy:
+        load_checkpoint(args.study_policy)
     return args, ckpt
+
+
+def check_args(args):
+    """Every numeric flag: a one-line error (exit code 1) names the first bad one."""
+    for name in ("episode_steps", "command_resample_steps", "eval_episodes", "eval_every", "history_horizon",
+                 "forecast_horizon", "wm_hidden", "wm_batch_size", "pretrain_steps", "wm_updates", "buffer_size",
+                 "num_real_envs", "real_steps", "imagination_envs", "imagination_steps", "iterations", "update_epochs",
+                 "num_minibatches", "num_envs", "num_steps", "total_timesteps", "study_steps", "study_updates",
+                 "study_eval_horizon", "study_eval_windows"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: {name} ({getattr(args, name)}) must be at least 1")
+    for name in ("seed", "pretrain_updates", "ent_coef", "vf_coef"):
+        if getattr(args, name) < 0:
+            raise SystemExit(f"error: {name} ({getattr(args, name)}) must not be negative")
+    for name in ("success_error", "wm_lr", "learning_rate", "desired_kl", "clip_coef", "max_grad_norm"):
+        if not getattr(args, name) > 0:
+            raise SystemExit(f"error: {name} ({getattr(args, name)}) must be positive")
+    for name in ("gamma", "gae_lambda"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise SystemExit(f"error: {name} ({getattr(args, name)}) must be in [0, 1]")
+    if min(args.study_noise, default=0.0) < 0:
+        raise SystemExit(f"error: study_noise ({args.study_noise}) must not be negative")
+    mbpo, window = args.mode == "mbpo-ppo", args.history_horizon + args.forecast_horizon - 1  # world-model windows
+    if mbpo and min(args.pretrain_steps, args.buffer_size) < window:
+        raise SystemExit(f"error: pretrain_steps ({args.pretrain_steps}) and buffer_size ({args.buffer_size}) must be "
+                         f"at least history_horizon + forecast_horizon - 1 ({window})")
+    batch = args.imagination_envs * args.imagination_steps if mbpo else args.num_envs * args.num_steps
+    if args.num_minibatches > batch:
+        raise SystemExit(f"error: num_minibatches ({args.num_minibatches}) must not exceed the PPO batch ({batch})")
+    if args.mode == "ppo-sim" and args.total_timesteps < args.num_envs * args.num_steps:
+        raise SystemExit(f"error: total_timesteps ({args.total_timesteps}) must be at least one rollout, num_envs * "
+                         f"num_steps ({args.num_envs * args.num_steps})")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -743,6 +809,62 @@ def load_checkpoint(path, args=None):
     return ckpt
 
 
+STAGES = {"names": [], "current": 0}  # the run's stages in order, and which one runs (1-based)
+
+
+def start_stage(name):
+    """Print `stage k of n: NAME` and the time since the process started."""
+    STAGES["current"] = STAGES["names"].index(name) + 1
+    print(f"stage {STAGES['current']} of {len(STAGES['names'])}: {name} | {duration(time.time() - START)} into this "
+          f"process", flush=True)
+
+
+def duration(seconds):
+    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
+
+
+def time_left(seconds):
+    """This stage's time left, which bounds the run's from below while later stages are not timed yet."""
+    later = len(STAGES["names"]) - STAGES["current"]
+    run = f"; run: >= {duration(seconds)} + {later} stage{'s' * (later > 1)} not timed yet" if later > 0 else ""
+    return f"~{duration(seconds)} left{run}"
+
+
+# Ctrl-C. While training runs (armed), the first Ctrl-C asks it to stop at the end of the current step, where it
+# saves checkpoint.pt; a second Ctrl-C, or one outside training, stops at once. main() then prints the command that
+# continues the run and exits with 130.
+START = time.time()
+STOP = {"armed": False, "requested": False, "run_dir": None, "writer": None}
+
+
+class Interrupted(Exception):
+    """Ctrl-C, acted on at the end of a training step; the message says what was saved."""
+
+
+def request_stop(signum, frame):  # the SIGINT handler main() installs
+    if not STOP["armed"] or STOP["requested"]:
+        raise KeyboardInterrupt
+    STOP["requested"] = True
+    print("\nCtrl-C: stopping at the end of this step, after saving a checkpoint (Ctrl-C again: stop now)", flush=True)
+
+
+def stop_message(error):
+    """Flush TensorBoard and say, in one line, what a Ctrl-C kept and the command that continues the run."""
+    if STOP["writer"] is not None:
+        STOP["writer"].close()
+    if STOP["run_dir"] is None:
+        return "interrupted: nothing was saved to continue from"
+    kept = error if isinstance(error, Interrupted) else "the last checkpoint.pt is kept"
+    return (f"interrupted ({kept}); continue with: python {os.path.basename(__file__)} --resume "
+            f"{shlex.quote(STOP['run_dir'])}")
+
+
+def in_pretraining(args, ckpt):
+    """Whether a checkpoint was saved during MBPO-PPO's world-model pretraining (by Ctrl-C)."""
+    return args.mode == "mbpo-ppo" and ckpt["iteration"] == 0 and \
+        ckpt.get("pretrain_updates_done", args.pretrain_updates) < args.pretrain_updates
+
+
 def check_finite(name, value, step):
     if not math.isfinite(value):
         raise SystemExit(f"error: {name} is {value} at step {step}; the last good checkpoint is kept")
@@ -791,7 +913,12 @@ def policy_learning(args, writer, run_dir, device, rng, ckpt):
     else:
         sim = Simulator(args, args.num_envs, args.seed, obs_rms, update_rms=True)
         num_iterations = args.total_timesteps // (args.num_envs * args.num_steps)
-    iteration, global_step, start_time = 0, 0, time.time()
+    iteration, global_step, pretrained, start_time = 0, 0, 0, time.time()
+    training = ["simulator data", "world-model pretraining", "MBPO-PPO"] if mbpo else ["PPO in the simulator"]
+    STAGES["names"] = training + ["evaluation in the simulator"]
+    STOP["armed"] = True  # Ctrl-C from here on: training stops at the end of a step and saves checkpoint.pt
+    if ckpt is None and args.resume:
+        print(f"resuming {run_dir}: no checkpoint.pt yet, nothing to continue: the run starts over")
     if ckpt is not None:
         agent.load_state_dict(ckpt["agent"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -803,35 +930,57 @@ def policy_learning(args, writer, run_dir, device, rng, ckpt):
             offset = int(buffer.episode.max()) + 1  # new episode ids, so no window spans the restart
             sim.episode, sim.next_episode = sim.episode + offset, sim.next_episode + offset
         iteration, global_step = ckpt["iteration"], ckpt["global_step"]
+        pretrained = ckpt.get("pretrain_updates_done", args.pretrain_updates)
         start_time -= ckpt["wall_time_s"]
         set_rng_state(rng, ckpt["rng"])
+        if in_pretraining(args, ckpt):
+            print(f"resuming {run_dir}: continues the world-model pretraining at update {pretrained} of "
+                  f"{args.pretrain_updates}")
+        else:
+            print(f"resuming {run_dir}: continues at iteration {iteration} of {num_iterations} ({global_step:,} real "
+                  f"steps)" + (": nothing to continue, evaluating again" if iteration >= num_iterations else ""))
     elif mbpo:  # offline pretraining of the world model on simulator data (§V)
+        start_stage("simulator data")
         rollout(agent, sim, args.pretrain_steps, args.gamma, args.gae_lambda)
         global_step += args.pretrain_steps * args.num_real_envs
         obs_rms.update(buffer.data["obs"][:, : min(buffer.t, buffer.size)])  # fixed from here on
-        for done in range(0, args.pretrain_updates, 100):
-            n = min(100, args.pretrain_updates - done)
-            wm_loss = train_world_model(model, wm_optimizer, buffer, obs_rms, args, n, rng, device, M, N)
-            check_finite("world-model pretraining loss", wm_loss, done + n)
-            writer.add_scalar("world_model/pretrain_loss", wm_loss, done + n)
-            print(f"pretrain world model: update {done + n}/{args.pretrain_updates} loss={wm_loss:.3f} "
-                  f"({time.time() - start_time:.0f}s)", flush=True)
-        log_episodes(writer, sim, global_step)
 
     def checkpoint():
         state = dict(args=asdict(args), agent=agent.state_dict(), optimizer=optimizer.state_dict(),
                      obs_rms=obs_rms.state_dict(), iteration=iteration, global_step=global_step,
-                     wall_time_s=time.time() - start_time, rng=rng_state(rng))
+                     pretrain_updates_done=pretrained, wall_time_s=time.time() - start_time, rng=rng_state(rng))
         if mbpo:
             state.update(world_model=model.state_dict(), wm_optimizer=wm_optimizer.state_dict(),
                          buffer=buffer.state_dict())
         if args.save_model:
             save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), **state)
 
+    def stop_if_requested(where):  # after Ctrl-C (request_stop): save, and end the run
+        if STOP["requested"]:
+            checkpoint()
+            raise Interrupted(f"{where} saved" if args.save_model else
+                              f"stopped at {where}, not saved: --no-save-model")
+
+    if mbpo and (ckpt is None or in_pretraining(args, ckpt)):
+        start_stage("world-model pretraining")
+        t0, first = time.time(), pretrained
+        for done in range(pretrained, args.pretrain_updates, 100):
+            n = min(100, args.pretrain_updates - done)
+            wm_loss = train_world_model(model, wm_optimizer, buffer, obs_rms, args, n, rng, device, M, N)
+            check_finite("world-model pretraining loss", wm_loss, done + n)
+            writer.add_scalar("world_model/pretrain_loss", wm_loss, done + n)
+            pretrained = done + n
+            left = (args.pretrain_updates - pretrained) * (time.time() - t0) / (pretrained - first)
+            print(f"pretrain world model: update {done + n}/{args.pretrain_updates} loss={wm_loss:.3f} "
+                  f"({time.time() - start_time:.0f}s, {time_left(left)})", flush=True)
+            stop_if_requested(f"the world-model pretraining at update {pretrained}")
+        log_episodes(writer, sim, global_step)
+
     def evaluate_and_log():  # deterministic policy in the simulator, same start states every time
         result = evaluate(agent, obs_rms, args, args.eval_episodes, args.seed + 10_000)
         log_eval(writer, run_dir, args.mode, result, global_step, start_time)
 
+    start_stage("MBPO-PPO" if mbpo else "PPO in the simulator")
     if iteration == 0:
         evaluate_and_log()  # the untrained policy starts the curves of eval_history.jsonl
     while iteration < num_iterations:
@@ -865,12 +1014,21 @@ def policy_learning(args, writer, run_dir, device, rng, ckpt):
             checkpoint()
         print(f"iter {iteration}/{num_iterations} real_steps={global_step} SPS={sps} kl={stats['approx_kl']:.4f} "
               f"lr={stats['learning_rate']:.1e} ({time.time() - start_time:.0f}s, "
-              f"~{(num_iterations - iteration) * (time.time() - t0) / 60:.0f} min left)", flush=True)
+              f"{time_left((num_iterations - iteration) * (time.time() - t0))})", flush=True)
+        stop_if_requested(f"iteration {iteration}")
+    STOP["armed"] = False  # the checkpoint is saved: a Ctrl-C from here on stops at once
+    start_stage("evaluation in the simulator")
     result = evaluate(agent, obs_rms, args, args.eval_episodes, args.seed + 20_000)
+    wall_time = time.time() - start_time
     with open(os.path.join(run_dir, "eval.json"), "w") as f:
-        json.dump(dict(env_id=args.env_id, mode=args.mode, global_step=global_step,
-                       wall_time_s=time.time() - start_time, **result), f, indent=2)
+        json.dump(dict(env_id=args.env_id, mode=args.mode, global_step=global_step, wall_time_s=wall_time, **result),
+                  f, indent=2)
     print(json.dumps(result))
+    print(f"done in {duration(wall_time)}: {result['successes']} of {result['episodes']} evaluation episodes "
+          f"succeeded (mean tracking error {result['mean_tracking_error']:.3f}, falls {result['fall_rate']:.2f})")
+    print(f"  results      {os.path.join(run_dir, 'eval.json')}\n"
+          f"               {os.path.join(run_dir, 'eval_history.jsonl')}\n"
+          f"  TensorBoard  tensorboard --logdir {shlex.quote(run_dir)}")
 
 
 def prediction_study(args, writer, run_dir, device, rng):
@@ -881,6 +1039,8 @@ def prediction_study(args, writer, run_dir, device, rng):
         ckpt = load_checkpoint(args.study_policy)
         agent.load_state_dict(ckpt["agent"])
         obs_rms.load_state_dict(ckpt["obs_rms"])
+    STAGES["names"] = ["simulator data", "RWM-AR", "RWM-TF", "MLP", "RSSM", "Transformer"]
+    start_stage("simulator data")
     buffers = []
     for seed, steps in ((args.seed, args.study_steps), (args.seed + 1000, max(M + H, args.study_steps // 4))):
         buffers.append(ReplayBuffer(args.num_real_envs, steps))
@@ -893,6 +1053,7 @@ def prediction_study(args, writer, run_dir, device, rng):
     test = normalized_batch(test_buf, args.study_eval_windows, M + H - 1, data_rms, np.random.default_rng(0), device)
     results, checkpoints = {}, {}
     for name, (model, n_forecast, lr) in models.items():
+        start_stage(name)
         model.to(device)
         optimizer, t0 = torch.optim.Adam(model.parameters(), lr=lr), time.time()
         for update in range(1, args.study_updates + 1):
@@ -908,7 +1069,9 @@ def prediction_study(args, writer, run_dir, device, rng):
             if update % 100 == 0 or update == args.study_updates:
                 check_finite(f"{name} loss", loss.item(), update)
                 writer.add_scalar(f"world_model/{name}_loss", loss.item(), update)
-                print(f"{name}: update {update}/{args.study_updates} loss={loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
+                left = (args.study_updates - update) * (time.time() - t0) / update
+                print(f"{name}: update {update}/{args.study_updates} loss={loss.item():.4f} ({time.time() - t0:.0f}s, "
+                      f"{time_left(left)})", flush=True)
         train_time = time.time() - t0
         model.eval()
         gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -940,30 +1103,54 @@ def prediction_study(args, writer, run_dir, device, rng):
     save_checkpoint(os.path.join(run_dir, "prediction_study.pt"), args=asdict(args), obs_rms=data_rms.state_dict(),
                     models=checkpoints)
     print(header + "\n".join(table))
+    print(f"done in {duration(time.time() - START)}\n  results      {os.path.join(run_dir, 'prediction_study.md')}\n"
+          f"               {os.path.join(run_dir, 'prediction_study.json')}\n"
+          f"  TensorBoard  tensorboard --logdir {shlex.quote(run_dir)}")
+
+
+def main():
+    STOP.update(armed=False, requested=False, run_dir=None, writer=None)
+    previous = signal.signal(signal.SIGINT, request_stop)
+    try:
+        args, ckpt = parse_args()
+        if args.resume:
+            run_dir = args.resume
+        else:
+            run_name = f"{args.env_id}__{args.exp_name}__{args.mode}__{args.seed}__{int(time.time())}"
+            run_dir = os.path.join(args.runs_dir, run_name)
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump({k: v for k, v in asdict(args).items() if k != "resume"}, f, indent=2)
+        purge_step = 0  # TensorBoard drops what a killed process logged after the checkpoint it resumes from
+        if ckpt is not None:  # the pretraining logs against its updates, and never loses them to a later purge
+            pretraining_axis = args.pretrain_updates if args.mode == "mbpo-ppo" else 0
+            purge_step = 1 + (ckpt["pretrain_updates_done"] if in_pretraining(args, ckpt) else
+                              max(ckpt["global_step"], pretraining_axis))
+        writer = STOP["writer"] = SummaryWriter(run_dir, purge_step=purge_step)
+        writer.add_text("hyperparameters",
+                        "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+        if args.mode != "prediction-study":  # a prediction study keeps no checkpoint to continue from
+            STOP["run_dir"] = run_dir
+
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        torch.backends.cudnn.deterministic = args.torch_deterministic
+        rng = np.random.default_rng(args.seed)
+        device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+        if args.mode == "prediction-study":
+            prediction_study(args, writer, run_dir, device, rng)
+        else:
+            policy_learning(args, writer, run_dir, device, rng, ckpt)
+        writer.close()
+    except (Interrupted, KeyboardInterrupt) as e:
+        print(stop_message(e), file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return 0
 
 
 if __name__ == "__main__":
-    args, ckpt = parse_args()
-    if ckpt is not None:
-        run_dir = os.path.dirname(os.path.abspath(args.resume))
-    else:
-        run_name = f"{args.env_id}__{args.exp_name}__{args.mode}__{args.seed}__{int(time.time())}"
-        run_dir = os.path.join(args.runs_dir, run_name)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=2)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    rng = np.random.default_rng(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
-    if args.mode == "prediction-study":
-        prediction_study(args, writer, run_dir, device, rng)
-    else:
-        policy_learning(args, writer, run_dir, device, rng, ckpt)
-    writer.close()
+    sys.exit(main())

@@ -310,6 +310,19 @@ def test_tiny_preset_runs_the_pipeline(play_data, tmp_path):
     for name in ("world_model.pt", "reward_model.pt", "rssm.pt", "agent.pt", "imagined_vs_real_final.mp4",
                  "eval_episode_0.mp4", "args.json"):
         assert (run_dir / name).exists(), name
+    # progress: every stage announced, a run estimate; after the JSON line, the result in words and where things are
+    stages = [line for line in r.stdout.splitlines() if line.startswith("stage ")]
+    assert [line.split(" |")[0] for line in stages] == [
+        "stage 1 of 6: play data", "stage 2 of 6: world model (DIAMOND)", "stage 3 of 6: reward model r",
+        "stage 4 of 6: RSSM pretraining", "stage 5 of 6: DMO-SAPO", "stage 6 of 6: evaluation in the simulator"]
+    assert "left (run: >= " in r.stdout and "4 stages not timed yet" in r.stdout
+    raw, headline, *where = r.stdout[r.stdout.index('{"env_id"'):].splitlines()
+    assert json.loads(raw) == result
+    assert headline.startswith("done in ") and f"{result['successes']} of 2 evaluation episodes succeeded" in headline
+    assert where[0].split() == ["results", str(run_dir / "eval.json")]
+    assert where[1].split() == ["videos", str(run_dir / "eval_episode_0.mp4")]
+    assert where[2].split() == [str(run_dir / "eval_episode_1.mp4")]
+    assert where[-1].split() == ["TensorBoard", "tensorboard", "--logdir", str(run_dir)]
     videos = envs.load_dataset(os.path.join(os.path.dirname(play_data), "PushT-v0_goal_videos_4.npz"))  # beside the play
     assert videos["is_first"].sum() == dmo.PRESETS["tiny"]["reward_goal_videos"] and "4 goal videos" in r.stdout
     ckpt = torch.load(run_dir / "agent.pt", map_location="cpu", weights_only=False)
@@ -337,9 +350,13 @@ def test_killed_run_resumes_from_its_checkpoints(play_data, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     (run_dir,) = tmp_path.iterdir()
     assert not (run_dir / "eval.json").exists() and not (run_dir / "rssm.pt").exists()
+    assert r.stdout.strip().splitlines()[-1] == ("stopped after the reward model (--stop-after reward_model); continue "
+                                                 f"with: python dmo_sapo_diamond.py --resume {run_dir}")
     before = (run_dir / "world_model.pt").read_bytes()
     r = run_script("--resume", str(run_dir))
     assert r.returncode == 0, r.stderr[-2000:]
+    assert (f"resuming {run_dir}: the world model, the reward model finished; continues the RSSM at step 0 of 20"
+            in r.stdout)
     assert "world model: loaded" in r.stdout and "reward model: loaded" in r.stdout and "RSSM: pretraining" in r.stdout
     assert (run_dir / "world_model.pt").read_bytes() == before, "a finished stage is not trained again"
     assert json.loads((run_dir / "eval.json").read_text())["global_step"] == 256
@@ -429,6 +446,75 @@ def test_bad_data_file_is_a_one_line_error(tmp_path):
                                  ("--actor-lr", "0", "actor_lr (0.0) must be positive")):
         with pytest.raises(dmo.RunError, match=message.replace("(", r"\(").replace(")", r"\)")):
             dmo.parse_args(["--preset", "tiny", flag, value])
+
+
+def test_refused_commands_leave_no_run_directory(play_data, tmp_path):
+    runs = tmp_path / "runs"
+    junk = tmp_path / "play.npz"
+    junk.write_text("this is a text file\n")
+    r = run_script("--preset", "tiny", "--runs-dir", str(runs), "--data-path", str(junk), timeout=60)
+    assert r.returncode == 1 and f"{junk}: not a valid .npz data file" in r.stderr and "pickle" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not runs.exists()
+    args = dmo.Args(**dmo.PRESETS["tiny"])
+    dmo.save_checkpoint(str(tmp_path / "rssm.pt"), "rssm", args, model={}, step=20, done=True)
+    r = run_script("--preset", "tiny", "--runs-dir", str(runs), "--data-path", play_data, "--wm-checkpoint",
+                   str(tmp_path / "rssm.pt"), timeout=60)  # refused before the play data is even read
+    assert r.returncode == 1 and "expected a 'world_model' checkpoint" in r.stderr and not runs.exists()
+    with pytest.raises(dmo.RunError, match=r"save_every \(0\) must be at least 1"):
+        dmo.parse_args(["--preset", "tiny", "--save-every", "0"])
+    with pytest.raises(dmo.RunError, match=f"--resume {tmp_path}/rssm.pt is a file; --resume takes a run directory"):
+        dmo.parse_args(["--resume", str(tmp_path / "rssm.pt")])
+
+
+def test_help_lists_every_presets_values():
+    r = run_script("--help", timeout=60)
+    assert r.returncode == 0 and "Presets (--preset NAME" in r.stdout
+    table = r.stdout.split("Presets (--preset NAME")[1].split("\n\n")[0]
+    rows = {}  # a row is `  NAME  k=v, k=v, ...`, continued on lines indented further
+    for line in table.splitlines()[1:]:
+        if not line.startswith("   "):
+            name, line = line.split(maxsplit=1)
+        rows[name] = f"{rows.get(name, '')} {line.strip()}".strip()
+    assert set(rows) == set(dmo.PRESETS)
+    for name, values in dmo.PRESETS.items():
+        assert all(f"{k}={v}" in rows[name] for k, v in values.items()), (name, rows[name])
+    assert rows["default"] == "the defaults of the flags below" and "wm_steps=200000" in rows["paper"]
+
+
+def test_save_every_and_ctrl_c_save_the_stage(play_data, tmp_path, monkeypatch):
+    args = dmo.Args(**{**dmo.PRESETS["tiny"], "data_path": play_data, "wm_steps": 10, "save_every": 4})
+    data = dmo.load_play_data(args, torch.device("cpu"))
+    saved = []
+    monkeypatch.setattr(dmo, "save_checkpoint", lambda path, kind, args, **kw: saved.append((kw["step"], kw["done"])))
+    dmo.train_world_model(args, data, torch.device("cpu"), SummaryWriter(str(tmp_path)), str(tmp_path))
+    assert saved == [(4, False), (8, False), (10, True)]
+    saved.clear()
+    monkeypatch.setitem(dmo.STOP, "requested", True)  # what the first Ctrl-C does: the step ends, saves, and stops
+    with pytest.raises(dmo.Interrupted, match="the world model saved at step 1"):
+        dmo.train_world_model(args, data, torch.device("cpu"), SummaryWriter(str(tmp_path)), str(tmp_path))
+    assert saved == [(1, False)]
+
+
+def test_ctrl_c_saves_the_stage_and_resume_continues_it(play_data, tmp_path, ctrl_c):
+    code, out, err = ctrl_c([sys.executable, "dmo_sapo_diamond.py", "--preset", "tiny", "--runs-dir", str(tmp_path),
+                             "--data-path", play_data, "--wm-steps", "100000", "--stop-after", "world_model"],
+                            when="[world_model] step 1/")
+    (run_dir,) = tmp_path.iterdir()
+    ckpt = torch.load(run_dir / "world_model.pt", map_location="cpu", weights_only=False)
+    step = ckpt["step"]
+    assert code == 130 and not ckpt["done"] and step >= 1, (code, err)
+    assert err.strip() == (f"interrupted (the world model saved at step {step}); continue with: python "
+                           f"dmo_sapo_diamond.py --resume {run_dir}")
+    interrupted = (run_dir / "world_model.pt").read_bytes()
+    for _ in range(2):  # resumed, and once more from the same checkpoint as after a kill that lost the later one
+        r = run_script("--resume", str(run_dir), "--wm-steps", str(step + 3), "--stop-after", "world_model")
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert f"continues the world model at step {step} of {step + 3}" in r.stdout
+        assert f"[world_model] step {step + 1}/{step + 3}" in r.stdout and "[world_model] step 1/" not in r.stdout
+        (run_dir / "world_model.pt").write_bytes(interrupted)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    losses = EventAccumulator(str(run_dir)).Reload().Scalars("world_model/loss")
+    assert [e.step for e in losses] == list(range(step + 3)), "TensorBoard continues where the checkpoint was saved"
 
 
 def test_presets_never_share_a_play_data_file(play_data, tmp_path):

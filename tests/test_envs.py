@@ -270,7 +270,8 @@ BAD = {
     "action dtype": (lambda d: d.update(action=d["action"].astype(np.float64)), "'action'.*float32"),
     "action length": (lambda d: d.update(action=d["action"][:-1]), "'action'"),
     "action range": (lambda d: d["action"].__setitem__((3, 1), 1.5), "'action'.*outside.*row 3"),
-    "action nan": (lambda d: d["action"].__setitem__((2, 0), np.nan), "'action'.*outside.*row 2"),
+    "action nan": (lambda d: d["action"].__setitem__((2, 0), np.nan), "'action': NaN values \\(row 2"),
+    "action inf": (lambda d: d["action"].__setitem__((4, 1), -np.inf), "'action': infinite values \\(row 4"),
     "is_first dtype": (lambda d: d.update(is_first=d["is_first"].astype(np.int64)), "'is_first'.*bool"),
     "is_first start": (lambda d: d["is_first"].__setitem__(0, False), "'is_first'.*first frame"),
     "one-frame episode": (lambda d: d["is_first"].__setitem__(6, True), "'is_first'.*episode 1"),
@@ -309,6 +310,23 @@ def test_unreadable_files(tmp_path):
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(envs.DatasetError, match="not a readable .npz"):
         envs.load_dataset(str(path))
+
+
+def test_junk_files_are_not_valid_data_files(tmp_path):
+    text = tmp_path / "notes.npz"
+    text.write_text("frame,action\n0,0.5\n")
+    with pytest.raises(envs.DatasetError) as e:
+        envs.load_dataset(str(text))
+    assert "not a valid .npz data file" in str(e.value) and "pickle" not in str(e.value) and str(text) in str(e.value)
+    npy = tmp_path / "frames.npy"
+    np.save(npy, np.zeros((2, 64, 64, 3), np.uint8))
+    with pytest.raises(envs.DatasetError, match="not a valid .npz data file"):
+        envs.load_dataset(str(npy))
+    objects = tmp_path / "objects.npz"  # an object array would need unpickling: refused by name, without pickle advice
+    np.savez(objects, **{**small_dataset(), "obs": np.array([None, 1], dtype=object)})
+    with pytest.raises(envs.DatasetError) as e:
+        envs.load_dataset(str(objects))
+    assert "key 'obs': an array of Python objects" in str(e.value) and "allow_pickle" not in str(e.value)
 
 
 def test_collectors_write_valid_data():
@@ -352,6 +370,18 @@ def test_play_data_touches_the_object(capsys):
     assert all(f > 15 for f in fractions), out
 
 
+def test_collecting_many_frames_prints_progress(capsys, monkeypatch):
+    monkeypatch.setattr(envs, "PROGRESS_FRAMES", 300)
+    envs.collect("PushTReach-v0", 300, seed=0)
+    *progress, summary = capsys.readouterr().out.splitlines()
+    assert 5 <= len(progress) <= 9 and "touches the object" in summary, progress
+    percents = [int(line.split("(")[1].split("%")[0]) for line in progress]
+    assert all(line.startswith("collecting PushTReach-v0: ") and " s left" in line for line in progress)
+    assert percents == sorted(set(percents)) and percents[0] >= 10 and percents[-1] < 100
+    envs.collect("PushTReach-v0", 299, seed=0)  # fewer frames than PROGRESS_FRAMES: only the summary
+    assert len(capsys.readouterr().out.splitlines()) == 1
+
+
 def test_write_video(tmp_path):
     frames = np.random.default_rng(0).integers(0, 255, (7, 64, 64, 3), dtype=np.uint8)
     path = str(tmp_path / "v.mp4")
@@ -380,3 +410,13 @@ def test_cli_collect_and_check(tmp_path):
     assert r.returncode == 0 and envs.load_dataset(out)["is_demo"].all()
     r = run_cli("collect", "EgoPushCube-v0", "--steps", "64", "--out", out, "--goal-videos")
     assert r.returncode == 1 and "Push-T ladder" in r.stderr
+
+
+@pytest.mark.parametrize("flag, value, message", [("--steps", "1", "steps (1) must be at least 2"),
+                                                  ("--seed", "-1", "seed (-1) must not be negative"),
+                                                  ("--demo-fraction", "1.5", "demo_fraction (1.5) must be in [0, 1]")])
+def test_cli_refuses_bad_numbers_before_collecting(tmp_path, flag, value, message):
+    out = tmp_path / "sub" / "p.npz"
+    r = run_cli("collect", "PushTReach-v0", "--steps", "30", "--out", str(out), flag, value)
+    assert r.returncode == 1 and r.stderr.startswith(f"error: {message}"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "sub").exists()

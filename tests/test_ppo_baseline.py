@@ -129,7 +129,13 @@ def test_tiny_preset_in_the_simulator_and_resume(tmp_path):
     r = run_script("--env", "sim", "--runs-dir", str(tmp_path), "--no-capture-video", "--total-timesteps", "32")
     assert r.returncode == 0, r.stderr[-2000:]
     (run_dir,) = tmp_path.iterdir()
-    assert json.loads((run_dir / "eval.json").read_text())["global_step"] == 32
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["global_step"] == 32
+    assert [line.split(" |")[0] for line in r.stdout.splitlines() if line.startswith("stage ")] == [
+        "stage 1 of 3: the simulators", "stage 2 of 3: PPO in the sim", "stage 3 of 3: evaluation in PushT-v0"]
+    raw, headline, *where = r.stdout[r.stdout.index('{"env_id"'):].splitlines()
+    assert json.loads(raw) == result and f"{result['successes']} of 2 evaluation episodes succeeded" in headline
+    assert where == [f"  results      {run_dir / 'eval.json'}", f"  TensorBoard  tensorboard --logdir {run_dir}"]
     args_json = (run_dir / "args.json").read_text()
     r = subprocess.run([sys.executable, "ppo_baseline.py", "--resume", str(run_dir), "--hidden", "16"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)  # agent.pt refuses it; args.json is kept
@@ -139,6 +145,53 @@ def test_tiny_preset_in_the_simulator_and_resume(tmp_path):
                        capture_output=True, text=True, timeout=120)  # continue the run for a second iteration
     assert r.returncode == 0 and "resuming" in r.stdout and "at iteration 1" in r.stdout, r.stderr[-2000:]
     check_run(tmp_path, "sim")
+
+
+def test_ctrl_c_saves_the_agent_and_resume_continues_it(tmp_path, ctrl_c):
+    flags = ["--env", "sim", "--env-id", "PushTReach-v0", "--no-capture-video", "--eval-every", "0"]
+    code, out, err = ctrl_c([sys.executable, "ppo_baseline.py", "--preset", "tiny", *flags, "--runs-dir",
+                             str(tmp_path), "--total-timesteps", "3200000"], when="[ppo] step 1/")
+    (run_dir,) = tmp_path.iterdir()
+    iteration = torch.load(run_dir / "agent.pt", map_location="cpu", weights_only=False)["iteration"]
+    assert code == 130 and iteration >= 1, (code, err)
+    assert err.strip() == (f"interrupted (PPO saved at iteration {iteration}); continue with: python ppo_baseline.py "
+                           f"--resume {run_dir}")
+    interrupted = (run_dir / "agent.pt").read_bytes()
+    for _ in range(2):  # resumed, and once more from the same checkpoint as after a kill that lost the later one
+        r = subprocess.run([sys.executable, "ppo_baseline.py", "--resume", str(run_dir), "--total-timesteps",
+                            str(32 * (iteration + 2))], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and f"at iteration {iteration} of {iteration + 2}" in r.stdout, r.stderr[-2000:]
+        (run_dir / "agent.pt").write_bytes(interrupted)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    steps = [e.step for e in EventAccumulator(str(run_dir)).Reload().Scalars("charts/SPS")]
+    assert steps == [32 * i for i in range(1, iteration + 3)], "TensorBoard continues where the checkpoint was saved"
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--num-envs", "0", "num_envs (0) must be at least 1"), ("--seed", "-1", "seed (-1) must not be negative"),
+    ("--learning-rate", "0", "learning_rate (0.0) must be positive"),
+    ("--gamma", "1.5", "gamma (1.5) must be in [0, 1]"),
+    ("--hidden", "0", "hidden ([0]) must be one or more sizes of at least 1"),
+    ("--img-size", "2", "img_size (2) must be at least 2^len(cnn_channels) (4): each convolution halves the frame"),
+    ("--total-timesteps", "16", "total_timesteps (16) must be at least one rollout, num_envs * num_steps (32)")])
+def test_bad_numbers_are_refused(flag, value, message):
+    with pytest.raises(ppo.dmo.RunError) as e:
+        ppo.parse_args(["--preset", "tiny", "--env", "sim", flag, value])
+    assert str(e.value) == message
+
+
+def test_refused_command_leaves_no_run_directory_and_help_lists_the_presets(tmp_path):
+    r = run_script("--env", "sim", "--runs-dir", str(tmp_path / "runs"), "--eval-episodes", "0", timeout=60)
+    assert r.returncode == 1 and r.stderr == "error: eval_episodes (0) must be at least 1\n"
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "agent.pt").write_bytes(b"")
+    with pytest.raises(ppo.dmo.RunError, match=f"--resume {tmp_path}/agent.pt is a file; --resume takes a run dir"):
+        ppo.parse_args(["--resume", str(tmp_path / "agent.pt")])
+    r = subprocess.run([sys.executable, "ppo_baseline.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    presets = " ".join(r.stdout.split("Presets (--preset NAME")[1].split())
+    assert "tiny total_timesteps=64, num_envs=4" in presets and "paper img_size=64, total_timesteps=40000000" in presets
+    assert "default the defaults of the flags below" in presets
 
 
 def test_tiny_preset_in_the_world_model(global_models, tmp_path):

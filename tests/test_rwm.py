@@ -251,7 +251,7 @@ def test_tiny_policy_learning_writes_outputs_and_resumes(mode, tmp_path):
     agent = rwm.Agent()
     agent.load_state_dict(ckpt["agent"])
     more = ["--iterations", "5"] if mode == "mbpo-ppo" else ["--total-timesteps", "384"]
-    run("--resume", os.path.join(run_dir, "checkpoint.pt"), *more, preset=())  # the checkpoint's arguments
+    run("--resume", run_dir, *more, preset=())  # the run's arguments
     resumed = torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location="cpu")
     assert resumed["iteration"] > ckpt["iteration"] and resumed["global_step"] > ckpt["global_step"]
     assert json.load(open(os.path.join(run_dir, "eval.json")))["global_step"] == resumed["global_step"]
@@ -273,12 +273,60 @@ def test_tiny_prediction_study_writes_table(tmp_path):
 
 
 def test_bad_checkpoint_gives_one_line_error(tmp_path):
-    bad = tmp_path / "bad.pt"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "args.json").write_text(json.dumps(rwm.asdict(rwm.Args(**rwm.PRESETS["tiny"]))))
+    bad = run_dir / "checkpoint.pt"
     bad.write_bytes(b"not a checkpoint")
-    proc = run("--resume", str(bad), "--runs-dir", str(tmp_path), check=False)
+    proc = run("--resume", str(run_dir), check=False, preset=())
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and str(bad) in lines[0], proc.stderr
+    proc = run("--resume", str(bad), check=False, preset=())  # --resume takes the run directory, not the file
+    assert proc.returncode == 1 and proc.stderr == (f"error: --resume {bad} is a file; --resume takes a run directory: "
+                                                    f"--resume {run_dir}\n")
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--eval-every", "0", "eval_every (0) must be at least 1"), ("--gamma", "2", "gamma (2.0) must be in [0, 1]"),
+    ("--wm-lr", "-1", "wm_lr (-1.0) must be positive"), ("--seed", "-2", "seed (-2) must not be negative"),
+    ("--num-minibatches", "1000", "num_minibatches (1000) must not exceed the PPO batch (160)"),
+    ("--pretrain-steps", "5", "pretrain_steps (5) and buffer_size (200) must be at least history_horizon + "
+                              "forecast_horizon - 1 (11)")])
+def test_bad_numbers_are_refused(monkeypatch, flag, value, message):
+    monkeypatch.setattr(sys, "argv", ["rwm_mbpo_ppo.py", "--preset", "tiny", flag, value])
+    with pytest.raises(SystemExit) as e:
+        rwm.parse_args()
+    assert str(e.value) == f"error: {message}"
+
+
+def test_refused_command_leaves_no_run_directory_and_help_lists_the_presets(tmp_path):
+    proc = run("--eval-every", "0", "--runs-dir", str(tmp_path / "runs"), check=False)
+    assert proc.returncode == 1 and proc.stderr == "error: eval_every (0) must be at least 1\n"
+    assert not (tmp_path / "runs").exists()
+    proc = run("--help", preset=())
+    presets = " ".join(proc.stdout.split("Presets (--preset NAME")[1].split())
+    assert "tiny episode_steps=100, command_resample_steps=50" in presets
+    assert "paper episode_steps=1000" in presets and "imagination_envs=4096" in presets
+
+
+def test_ctrl_c_saves_the_pretraining_and_resume_continues_it(tmp_path, ctrl_c):
+    code, out, err = ctrl_c([sys.executable, "rwm_mbpo_ppo.py", "--preset", "tiny", "--runs-dir", str(tmp_path),
+                             "--pretrain-updates", "1000000"], when="pretrain world model: update 100/")
+    run_dir = only_run(tmp_path)
+    done = torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location="cpu")["pretrain_updates_done"]
+    assert code == 130 and done >= 100, (code, err)
+    assert err.strip() == (f"interrupted (the world-model pretraining at update {done} saved); continue with: python "
+                           f"rwm_mbpo_ppo.py --resume {run_dir}")
+    interrupted = open(os.path.join(run_dir, "checkpoint.pt"), "rb").read()
+    for _ in range(2):  # resumed, and once more from the same checkpoint as after a kill that lost the later one
+        proc = run("--resume", run_dir, "--pretrain-updates", str(done + 100), "--iterations", "1", preset=())
+        assert f"continues the world-model pretraining at update {done} of {done + 100}" in proc.stdout
+        assert f"pretrain world model: update {done + 100}/" in proc.stdout and "update 100/" not in proc.stdout
+        open(os.path.join(run_dir, "checkpoint.pt"), "wb").write(interrupted)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    steps = [e.step for e in EventAccumulator(run_dir).Reload().Scalars("world_model/pretrain_loss")]
+    assert steps == list(range(100, done + 101, 100)), "TensorBoard continues where the checkpoint was saved"
 
 
 def test_checkpoint_of_another_config_names_the_field(tmp_path):
