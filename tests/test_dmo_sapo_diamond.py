@@ -457,7 +457,7 @@ def test_refused_commands_leave_no_run_directory(play_data, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1 and not runs.exists()
     args = dmo.Args(**dmo.PRESETS["tiny"])
     dmo.save_checkpoint(str(tmp_path / "rssm.pt"), "rssm", args, model={}, step=20, done=True)
-    r = run_script("--preset", "tiny", "--runs-dir", str(runs), "--data-path", play_data, "--wm-checkpoint",
+    r = run_script("--preset", "tiny", "--env-id", "PushT-v0", "--runs-dir", str(runs), "--data-path", play_data, "--wm-checkpoint",
                    str(tmp_path / "rssm.pt"), timeout=60)  # refused before the play data is even read
     assert r.returncode == 1 and "expected a 'world_model' checkpoint" in r.stderr and not runs.exists()
     with pytest.raises(dmo.RunError, match=r"save_every \(0\) must be at least 1"):
@@ -482,7 +482,7 @@ def test_help_lists_every_presets_values():
 
 
 def test_save_every_and_ctrl_c_save_the_stage(play_data, tmp_path, monkeypatch):
-    args = dmo.Args(**{**dmo.PRESETS["tiny"], "data_path": play_data, "wm_steps": 10, "save_every": 4})
+    args = dmo.Args(**{**TINY, "data_path": play_data, "wm_steps": 10, "save_every": 4})
     data = dmo.load_play_data(args, torch.device("cpu"))
     saved = []
     monkeypatch.setattr(dmo, "save_checkpoint", lambda path, kind, args, **kw: saved.append((kw["step"], kw["done"])))
@@ -496,7 +496,7 @@ def test_save_every_and_ctrl_c_save_the_stage(play_data, tmp_path, monkeypatch):
 
 
 def test_ctrl_c_saves_the_stage_and_resume_continues_it(play_data, tmp_path, ctrl_c):
-    code, out, err = ctrl_c([sys.executable, "dmo_sapo_diamond.py", "--preset", "tiny", "--runs-dir", str(tmp_path),
+    code, out, err = ctrl_c([sys.executable, "dmo_sapo_diamond.py", "--preset", "tiny", "--env-id", "PushT-v0", "--runs-dir", str(tmp_path),
                              "--data-path", play_data, "--wm-steps", "100000", "--stop-after", "world_model"],
                             when="[world_model] step 1/")
     (run_dir,) = tmp_path.iterdir()

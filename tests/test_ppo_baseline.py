@@ -190,7 +190,7 @@ def test_refused_command_leaves_no_run_directory_and_help_lists_the_presets(tmp_
     r = subprocess.run([sys.executable, "ppo_baseline.py", "--help"], cwd=ROOT, capture_output=True, text=True,
                        timeout=60)
     presets = " ".join(r.stdout.split("Presets (--preset NAME")[1].split())
-    assert "tiny total_timesteps=64, num_envs=4" in presets and "paper img_size=64, total_timesteps=40000000" in presets
+    assert "tiny total_timesteps=64, num_envs=4" in presets and "paper env_id=PushT-v0, img_size=64, total_timesteps=40000000" in presets
     assert "default the defaults of the flags below" in presets
 
 
