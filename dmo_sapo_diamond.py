@@ -39,7 +39,7 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 
 import envs
-from rssm import RSSM, RSSMConfig, spatial_softmax
+from rssm import RSSM, RSSMConfig, keypoint_convs, spatial_softmax
 
 
 @dataclass
@@ -524,7 +524,7 @@ class RewardModel(nn.Module):
         self.encoder = nn.Sequential(*layers, nn.Flatten(), nn.Linear(8 * width * (img_size // 16) ** 2, embed))
         self.keypoints = None
         if keypoints:  # as the RSSM's (rssm.ConvEncoder): where small objects are, which the strided CNN misses
-            self.keypoints = nn.Sequential(nn.Conv2d(3, 32, 3, 1, 1), nn.SiLU(), nn.Conv2d(32, keypoints, 3, 1, 1))
+            self.keypoints = keypoint_convs(3, keypoints)
             self.keypoint_proj = nn.Linear(2 * keypoints, embed)
         self.head = nn.Sequential(nn.Linear(4 * embed, 256), nn.SiLU(), nn.Linear(256, 1))
         self.img_size, self.embed_dim = img_size, embed

@@ -124,6 +124,11 @@ class ChannelNorm(nn.LayerNorm):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+def keypoint_convs(c, keypoints):
+    """Two full-resolution convs, one feature map per keypoint (spatial_softmax turns each into its x, y)."""
+    return nn.Sequential(nn.Conv2d(c, 32, 3, 1, 1), nn.SiLU(), nn.Conv2d(32, keypoints, 3, 1, 1))
+
+
 def spatial_softmax(maps):
     """(N, K, H, W) feature maps -> (N, 2 K): each map's softmax-weighted x, then y, coordinate in [-1, 1]."""
     n, k, h, w = maps.shape
@@ -141,8 +146,8 @@ class ConvEncoder(nn.Module):
             mods += [nn.Conv2d(i, o, 4, 2, 1, bias=False), ChannelNorm(o, eps=1e-3), nn.SiLU()]
         self.net = nn.Sequential(*mods)
         self.keypoints = None
-        if keypoints:  # two full-resolution convs, one map per keypoint
-            self.keypoints = nn.Sequential(nn.Conv2d(c, 32, 3, 1, 1), nn.SiLU(), nn.Conv2d(32, keypoints, 3, 1, 1))
+        if keypoints:
+            self.keypoints = keypoint_convs(c, keypoints)
 
     def forward(self, obs):  # (..., C, H, W) -> (..., 8 mult H/16 W/16 [+ 2 keypoints])
         flat = obs.flatten(0, -4)
