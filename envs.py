@@ -25,7 +25,7 @@ import os
 import sys
 import time
 import warnings
-from typing import Annotated
+from typing import Annotated, Optional
 
 import cv2
 import gymnasium as gym
@@ -765,9 +765,11 @@ def record_episode(env, policy, max_frames: int, seed: int):
 PROGRESS_FRAMES = 10_000  # collections of at least this many frames print a progress line every 10 %
 
 
-def collect(env_id: str, steps: int, seed: int = 0, demo_fraction: float = 0.0, verbose: bool = True) -> dict:
-    """Record `steps` frames from the simulator: play episodes, and scripted demonstrations for a
-    `demo_fraction` of the frames (EgoPushCube-v0 only)."""
+def collect(env_id: str, steps: int, seed: int = 0, demo_fraction: float = 0.0, verbose: bool = True,
+            max_episodes: Optional[int] = None) -> dict:
+    """Record `steps` frames (or, with `max_episodes`, that many whole episodes) from the simulator: play episodes,
+    and scripted demonstrations for a `demo_fraction` of the frames (EgoPushCube-v0 only). Episode i starts from
+    reset seed `seed + i`."""
     if demo_fraction > 0 and env_id != "EgoPushCube-v0":
         raise ValueError(f"no scripted demonstrator for {env_id}; demonstrations exist for EgoPushCube-v0")
     env = gym.make(env_id)
@@ -776,10 +778,10 @@ def collect(env_id: str, steps: int, seed: int = 0, demo_fraction: float = 0.0, 
     episodes, is_demo, demo_stats = [], [], [0, 0]
     n = demo_n = tenths = 0
     t0 = time.time()
-    while n < steps:
+    while n < steps and (max_episodes is None or len(episodes) < max_episodes):
         demo = demo_fraction > 0 and demo_n <= demo_fraction * n
         policy = (push_cube_demonstrator if demo else play)(env.unwrapped, rng)
-        frames, success = record_episode(env, policy, min(steps - n, 10**9), seed + len(episodes))
+        frames, success = record_episode(env, policy, steps - n, seed + len(episodes))
         if len(frames) < 2:  # the budget ran out on an episode's first frame: end on the previous episode
             break
         episodes.append(frames)
@@ -852,6 +854,8 @@ class Collect:
     """PushT-v0, PushTReach-v0 or EgoPushCube-v0"""
     steps: int = 10_000
     """number of frames to record"""
+    episodes: int = 0
+    """record this many whole episodes instead of --steps frames (0: use --steps), e.g. `--demos --episodes 50`"""
     out: str = "data/play.npz"
     """output .npz file"""
     demos: bool = False
@@ -881,6 +885,8 @@ def main(argv=None) -> int:
             return 0
         if cmd.env_id not in ("PushT-v0", "PushTReach-v0", "PushTPuck-v0", "EgoPushCube-v0"):
             raise ValueError(f"unknown env_id {cmd.env_id!r} (PushT-v0, PushTReach-v0, PushTPuck-v0 or EgoPushCube-v0)")
+        if cmd.episodes < 0:
+            raise ValueError(f"episodes ({cmd.episodes}) must not be negative")
         if cmd.steps < 2:
             raise ValueError(f"steps ({cmd.steps}) must be at least 2: an episode needs two frames")
         if cmd.seed < 0:
@@ -895,7 +901,8 @@ def main(argv=None) -> int:
         if cmd.goal_videos:
             data = pusht_goal_videos(max(1, cmd.steps // 64), seed=cmd.seed, env_id=cmd.env_id)
         else:
-            data = collect(cmd.env_id, cmd.steps, cmd.seed, fraction)
+            data = collect(cmd.env_id, 10**12 if cmd.episodes else cmd.steps, cmd.seed, fraction,
+                           max_episodes=cmd.episodes or None)
         save_dataset(cmd.out, data)
         print(f"wrote {cmd.out}")
         return 0

@@ -28,6 +28,8 @@ class Args:
     """the PNG to write"""
     hlines: list[str] = dataclasses.field(default_factory=list)
     """reference lines "TAG=VALUE=NAME" (e.g. eval/mean_final_distance=175=random)"""
+    xlabel: str = "samples"
+    """the x-axis's name (the runs' TensorBoard step: world-model samples for the RL scripts, gradient steps for ACT)"""
 
 
 def scalars(run, tag):
@@ -39,7 +41,7 @@ def scalars(run, tag):
     return np.array([e.step for e in events], float), np.array([e.value for e in events], float)
 
 
-def panel(series, tag, hlines, w=520, h=360, m=60):
+def panel(series, tag, hlines, xlabel="samples", w=520, h=360, m=60):
     img = np.full((h, w, 3), 255, np.uint8)
     xs = np.concatenate([s[0] for s in series if len(s[0])] or [np.zeros(1)])
     ys = np.concatenate([s[1] for s in series if len(s[1])] + [np.array([v for _, v, _ in hlines])] or [np.zeros(1)])
@@ -54,7 +56,7 @@ def panel(series, tag, hlines, w=520, h=360, m=60):
         cv2.putText(img, f"{y0 + frac * (y1 - y0):.3g}", (5, py(y0 + frac * (y1 - y0)) + 4),
                     cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
     cv2.putText(img, tag, (m, int(0.5 * m)), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.putText(img, "samples", (w // 2 - 30, h - 15), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(img, xlabel, (w // 2 - 30, h - 15), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
     for _, v, name in hlines:
         cv2.line(img, (px(x0), py(v)), (px(x1), py(v)), (150, 150, 150), 1, cv2.LINE_AA)
         cv2.putText(img, name, (px(x1) - 60, py(v) - 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (120, 120, 120), 1, cv2.LINE_AA)
@@ -73,7 +75,7 @@ def main(a):
     panels = []
     for tag in a.tags:
         series = [(*scalars(run, tag), COLOURS[names.index(label) % len(COLOURS)]) for run, label in zip(a.runs, a.labels)]
-        panels.append(panel(series, tag, [h for h in hlines if h[0] == tag]))
+        panels.append(panel(series, tag, [h for h in hlines if h[0] == tag], a.xlabel))
     img = np.concatenate(panels, 1)
     legend = np.full((30, img.shape[1], 3), 255, np.uint8)
     x = 20

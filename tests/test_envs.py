@@ -410,11 +410,16 @@ def test_cli_collect_and_check(tmp_path):
     assert r.returncode == 0 and envs.load_dataset(out)["is_demo"].all()
     r = run_cli("collect", "EgoPushCube-v0", "--steps", "64", "--out", out, "--goal-videos")
     assert r.returncode == 1 and "Push-T ladder" in r.stderr
+    r = run_cli("collect", "EgoPushCube-v0", "--demos", "--episodes", "2", "--out", out)  # whole episodes
+    data = envs.load_dataset(out)
+    assert r.returncode == 0 and data["is_first"].sum() == 2 and data["is_demo"].all()
+    assert data["is_first"][0] and len(data["obs"]) > 2
 
 
 @pytest.mark.parametrize("flag, value, message", [("--steps", "1", "steps (1) must be at least 2"),
                                                   ("--seed", "-1", "seed (-1) must not be negative"),
-                                                  ("--demo-fraction", "1.5", "demo_fraction (1.5) must be in [0, 1]")])
+                                                  ("--demo-fraction", "1.5", "demo_fraction (1.5) must be in [0, 1]"),
+                                                  ("--episodes", "-2", "episodes (-2) must not be negative")])
 def test_cli_refuses_bad_numbers_before_collecting(tmp_path, flag, value, message):
     out = tmp_path / "sub" / "p.npz"
     r = run_cli("collect", "PushTReach-v0", "--steps", "30", "--out", str(out), flag, value)
