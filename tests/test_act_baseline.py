@@ -231,3 +231,23 @@ def test_ctrl_c_saves_and_resume_finishes(demos, tmp_path, ctrl_c):
     assert "resuming" in r.stdout and f"at step {ckpt['step']} of {ckpt['step'] + 3}" in r.stdout
     assert json.loads((tmp_path / run / "eval.json").read_text())["episodes"] == 1
     assert torch.load(tmp_path / run / "act.pt", map_location="cpu", weights_only=False)["step"] == ckpt["step"] + 3
+
+
+def test_resume_continues_exactly_where_training_stopped(demos, tmp_path):
+    """10 steps, then --resume to 20, ends with the same weights as 20 steps in one go: the checkpoint holds every
+    random state (torch's for dropout and z, the minibatch sampler's) and the optimiser."""
+    flags = ["--preset", "tiny", "--data-path", demos, "--eval-every", "0", "--no-eval-both", "--eval-episodes", "1",
+             "--no-capture-video"]
+    r = script(*flags, "--runs-dir", str(tmp_path / "straight"), "--train-steps", "20")
+    assert r.returncode == 0, r.stderr
+    r = script(*flags, "--runs-dir", str(tmp_path / "resumed"), "--train-steps", "10")
+    assert r.returncode == 0, r.stderr
+    (run,) = os.listdir(tmp_path / "resumed")
+    r = script("--resume", str(tmp_path / "resumed" / run), "--train-steps", "20")
+    assert r.returncode == 0, r.stderr
+    (straight,) = os.listdir(tmp_path / "straight")
+    a = torch.load(tmp_path / "straight" / straight / "act.pt", map_location="cpu", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / run / "act.pt", map_location="cpu", weights_only=False)
+    assert a["step"] == b["step"] == 20
+    for name, value in a["model"].items():
+        assert torch.equal(value, b["model"][name]), name
