@@ -8,9 +8,9 @@ the scripted, noisy demonstrations of the ego-centric Push-Cube robot (envs.py) 
     python act_baseline.py --resume runs/RUN --eval-controller alt  # the trained policy under the other controller
     python act_baseline.py --seed 1 --preset paper            # the ACT paper's sizes (on a GPU)
 
-What the policy sees: the robot's ego-centric camera frame and its proprioception. A real robot knows the velocity
-command it sent last, so the proprioceptive state here is the previous action (zero at an episode's first frame);
-the cube's pose is never an input. The training loop is ACT's: a CVAE whose encoder (a transformer over [CLS, state,
+What the policy sees: the robot's ego-centric camera frame, and nothing else by default (`--robot-state
+last-action` adds the velocity command sent last, which a real robot knows; with these autocorrelated
+demonstrations it did worse, results/act_baseline.md); the cube's pose is never an input. The training loop is ACT's: a CVAE whose encoder (a transformer over [CLS, state,
 action chunk]) gives a style latent z; a transformer encoder over [z, state, image features] and a decoder with k
 learned queries predict the next k actions; loss L1 + kl_weight * KL; z = 0 at test time. ACT's ResNet18 backbone is
 ImageNet-pretrained: no pretrained weights can be downloaded here, so a small CNN is trained from scratch.
