@@ -35,12 +35,9 @@ class Demonstrator:
     """envs.push_cube_demonstrator for each episode of the batch (its noise as in the demonstrations)."""
 
     def __init__(self, episodes, seed):
-        self.seed, self.policies = seed, [None] * episodes
+        self.policies = [envs.push_cube_demonstrator(None, np.random.default_rng(seed + i)) for i in range(episodes)]
 
     def act(self, frames, states, t, infos):
-        if t == 0:
-            self.policies = [envs.push_cube_demonstrator(None, np.random.default_rng(self.seed + i))
-                             for i in range(len(infos))]
         return np.stack([p(None, info) for p, info in zip(self.policies, infos)])
 
 
