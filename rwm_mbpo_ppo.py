@@ -60,9 +60,9 @@ class Args:
     resume: Optional[str] = None
     """a run directory to continue from its checkpoint.pt (with its args.json; flags given override them)"""
 
-    # Task (Ant-v5 velocity tracking)
-    env_id: str = "AntVelocity-v5"
-    """name of the task defined in `make_env`"""
+    # Task
+    env_id: Literal["CheetahVelocity-v5", "AntVelocity-v5"] = "CheetahVelocity-v5"
+    """the velocity-tracking task (TASKS): HalfCheetah forward velocity (default) or the Ant's omnidirectional (paper)"""
     episode_steps: int = 400
     """time limit in control steps (20 s at 20 Hz)"""
     command_resample_steps: int = 200
@@ -153,25 +153,26 @@ class Args:
 
 # Sizes per preset (the algorithmic constants above are those of Tables S6-S10)
 PRESETS = {
-    "tiny": dict(episode_steps=100, command_resample_steps=50, eval_episodes=2, eval_every=2, history_horizon=8,
+    "tiny": dict(env_id="CheetahVelocity-v5", episode_steps=100, command_resample_steps=50, eval_episodes=2, eval_every=2, history_horizon=8,
                  forecast_horizon=4, wm_hidden=32, wm_batch_size=16, pretrain_steps=60, pretrain_updates=5,
                  wm_updates=2, buffer_size=200, num_real_envs=2, real_steps=8, imagination_envs=16,
                  imagination_steps=10, iterations=3, num_envs=2, num_steps=32, total_timesteps=256,
                  study_steps=100, study_updates=5, study_eval_horizon=8, study_eval_windows=16),
-    "default": dict(episode_steps=400, command_resample_steps=200, eval_episodes=8, eval_every=10,
+    "default": dict(env_id="CheetahVelocity-v5", episode_steps=400, command_resample_steps=200, eval_episodes=32,
+                    eval_every=10,
                     history_horizon=32, forecast_horizon=8, wm_hidden=256, wm_batch_size=64, pretrain_steps=1000,
                     pretrain_updates=1500, wm_updates=10, buffer_size=1000, num_real_envs=8, real_steps=25,
                     imagination_envs=256, imagination_steps=50, iterations=300, num_envs=64, num_steps=32,
                     total_timesteps=2_000_000, study_steps=1000, study_updates=1500, study_eval_horizon=32,
                     study_eval_windows=256),
-    "paper": dict(episode_steps=1000, command_resample_steps=200, eval_episodes=32, eval_every=50,
+    "paper": dict(env_id="AntVelocity-v5", episode_steps=1000, command_resample_steps=200, eval_episodes=32, eval_every=50,
                   history_horizon=32, forecast_horizon=8, wm_hidden=256, wm_batch_size=1024, pretrain_steps=5000,
                   pretrain_updates=20000, wm_updates=50, buffer_size=1000, num_real_envs=64, real_steps=24,
                   imagination_envs=4096, imagination_steps=100, iterations=2500, num_envs=4096, num_steps=24,
                   total_timesteps=200_000_000, study_steps=5000, study_updates=20000, study_eval_horizon=64,
                   study_eval_windows=1024),
 }
-ARCH_FIELDS = ("mode", "wm_hidden", "history_horizon", "num_real_envs", "buffer_size", "num_envs")
+ARCH_FIELDS = ("env_id", "mode", "wm_hidden", "history_horizon", "num_real_envs", "buffer_size", "num_envs")
 
 
 def cli_value(name):
@@ -261,57 +262,125 @@ def check_args(args):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The task: Ant-v5 velocity tracking (Tables S1-S5 adapted to the Ant)
+# The tasks: velocity tracking on MuJoCo robots (Tables S1-S5 adapted to each robot)
 # ----------------------------------------------------------------------------------------------------
-DT = 0.05  # Ant-v5: 5 physics steps of 0.01 s
-# Actions are joint-position targets around a standing pose, tracked by a PD loop at the physics rate, as on
-# ANYmal (Isaac Lab: q* = q_default + 0.5 a). Driven by raw torques instead (gear 150 on a 0.9 kg robot), PPO
-# learned to hold saturated torques; with the PD loop the untrained policy stands and PPO improves on that (README).
+# A task is its environment class. Besides reset/step, the class carries what the world model, the policy and
+# imagination need to know of it: the sizes of the world-model state, action, contacts and command, and the reward
+# and tracking error as functions of states, so that the same code scores the simulator (numpy) and imagination
+# (torch). Every state is laid out as Table S1: base linear velocity, base angular velocity, projected gravity (all
+# in the body frame), joint positions, joint velocities, joint torques; the policy sees all but the torques (S4).
+DT = 0.05  # both robots: 5 physics steps of 0.01 s per control step (20 Hz)
+TRACKING_SIGMA2 = 0.25
+
+
+class CheetahVelocityEnv(gym.Env):
+    """HalfCheetah-v5's planar robot and physics; the command is a forward velocity in [0, 2] m/s.
+
+    State (23): v_x, v_z | pitch rate | g_x, g_z | 6 joint positions | 6 joint velocities | 6 joint torques.
+    Actions are gymnasium's (motor commands in [-1, 1] times the gears). Contacts: the two feet, then the torso and
+    the head (undesired: the robot is on its back or its nose). The episode terminates when the body pitches more
+    than MAX_PITCH, on its way to a flip (random actions reach it in most episodes, so the termination and contact
+    heads see positive labels from the first data on)."""
+
+    obs_dim, act_dim, con_dim, cmd_dim, policy_obs_dim = 23, 6, 4, 1, 17 + 1
+    command_low, command_high = np.array([0.0]), np.array([2.0])
+    lin_vel, ang_vel, gravity = slice(0, 2), slice(2, 3), slice(3, 5)
+    joint_pos, joint_vel, torque = slice(5, 11), slice(11, 17), slice(17, 23)
+    MAX_PITCH = 1.0  # rad
+    # tracking pays: perfect tracking earns 1.0 per second, standing still at a command drawn from U[0, 2] 0.22
+    reward_weights = dict(track_lin_vel=1.0, lin_vel_z=-0.1, ang_vel=-0.01, torque=-2e-6, joint_acc=-2.5e-7,
+                          action_rate=-0.01, undesired_contacts=-1.0, termination=-20.0)
+
+    def __init__(self, episode_steps, command_resample_steps):
+        self.robot = gym.make("HalfCheetah-v5").unwrapped  # MuJoCo model/data and reset noise; obs and reward are ours
+        model = self.robot.model
+        self.contact_ids = np.array([model.geom(n).id for n in ("bfoot", "ffoot", "torso", "head")])
+        self.torso = model.body("torso").id
+        self.episode_steps, self.resample_steps = episode_steps, command_resample_steps
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (self.obs_dim + self.cmd_dim,), np.float64)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (self.act_dim,), np.float32)
+
+    @classmethod
+    def reward(cls, obs, next_obs, action, prev_action, next_contacts, terminated, command):
+        """Table S5's terms for a planar robot, each times the step time as in Isaac Lab's reward manager."""
+        xp = torch if isinstance(next_obs, torch.Tensor) else np
+        v, w = next_obs[..., cls.lin_vel], next_obs[..., cls.ang_vel]
+        terms = dict(
+            track_lin_vel=xp.exp(-((command[..., 0] - v[..., 0]) ** 2) / TRACKING_SIGMA2),
+            lin_vel_z=v[..., 1] ** 2,
+            ang_vel=w[..., 0] ** 2,
+            torque=(next_obs[..., cls.torque] ** 2).sum(-1),
+            joint_acc=(((next_obs[..., cls.joint_vel] - obs[..., cls.joint_vel]) / DT) ** 2).sum(-1),
+            action_rate=((action - prev_action) ** 2).sum(-1),
+            undesired_contacts=next_contacts[..., 2:].sum(-1),
+            termination=terminated,
+        )
+        return DT * sum(cls.reward_weights[k] * terms[k] for k in terms)
+
+    @classmethod
+    def tracking_error(cls, next_obs, command):
+        """|c - v_x| per step."""
+        return abs(command[..., 0] - next_obs[..., 0])
+
+    def _state(self):
+        d = self.robot.data
+        rot = d.xmat[self.torso].reshape(3, 3)  # body -> world
+        lin_vel = rot.T @ np.array([d.qvel[0], 0.0, d.qvel[1]])  # the root slides in the world's x-z plane
+        gravity = rot.T @ np.array([0.0, 0.0, -1.0])
+        return np.concatenate([lin_vel[[0, 2]], d.qvel[2:3], gravity[[0, 2]], d.qpos[3:9], d.qvel[3:9],
+                               d.qfrc_actuator[3:9]])
+
+    def _contacts(self):
+        d = self.robot.data
+        g1, g2 = d.contact.geom1[: d.ncon], d.contact.geom2[: d.ncon]
+        return np.isin(self.contact_ids, np.concatenate([g2[g1 == 0], g1[g2 == 0]])).astype(np.float64)  # geom 0: floor
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.robot.reset(seed=seed)  # HalfCheetah-v5's reset noise
+        self.command = self.np_random.uniform(self.command_low, self.command_high)
+        self.t, self.prev_action, self.state = 0, np.zeros(self.act_dim), self._state()
+        return np.concatenate([self.state, self.command]), {}
+
+    def step(self, action):
+        action = np.clip(action, -1.0, 1.0)
+        self.robot.do_simulation(action, self.robot.frame_skip)
+        next_state, contacts = self._state(), self._contacts()
+        terminated = bool(abs(self.robot.data.qpos[2]) > self.MAX_PITCH)
+        reward = float(self.reward(self.state, next_state, action, self.prev_action, contacts, terminated, self.command))
+        info = dict(contacts=contacts, tracking_error=float(self.tracking_error(next_state, self.command)))
+        self.t += 1
+        truncated = self.t >= self.episode_steps
+        if self.t % self.resample_steps == 0:
+            self.command = self.np_random.uniform(self.command_low, self.command_high)
+        self.state, self.prev_action = next_state, action
+        return np.concatenate([next_state, self.command]), reward, terminated, truncated, info
+
+
+# The Ant (the `paper` preset's robot, closest to ANYmal D): actions are joint-position targets around a standing
+# pose, tracked by a PD loop at the physics rate, as on ANYmal (Isaac Lab: q* = q_default + 0.5 a). Driven by raw
+# torques instead (gear 150 on a 0.9 kg robot), PPO learned to hold saturated torques; with the PD loop the untrained
+# policy stands and PPO improves on that (results/rwm_mbpo_ppo.md).
 DEFAULT_JOINT_POS = np.array([0.0, 0.87, 0.0, -0.87, 0.0, -0.87, 0.0, 0.87])  # hips, ankles mid-range (50 deg)
 ACTION_SCALE, KP, KD = 0.5, 100.0, 10.0  # rad; N m / rad; N m s / rad (joint armature 1 kg m^2)
-OBS_DIM, ACT_DIM, CON_DIM, CMD_DIM = 33, 8, 8, 3
-LIN_VEL, ANG_VEL, GRAVITY = slice(0, 3), slice(3, 6), slice(6, 9)  # Table S1: body frame
-JOINT_POS, JOINT_VEL, TORQUE = slice(9, 17), slice(17, 25), slice(25, 33)
-POLICY_OBS_DIM = 25 + CMD_DIM  # Table S4: v, ω, g, q, q̇ (no torques) and the command
 FOOT_GEOMS = ("left_ankle_geom", "right_ankle_geom", "third_ankle_geom", "fourth_ankle_geom")
 KNEE_GEOMS = ("left_leg_geom", "right_leg_geom", "back_leg_geom", "rightback_leg_geom")  # Table S2: undesired
-COMMAND_RANGE = np.array([1.0, 1.0, 1.0], np.float32)  # |v_x|, |v_y| (m/s), |ω_z| (rad/s)
-TRACKING_SIGMA2 = 0.25
-REWARD_WEIGHTS = dict(track_lin_vel=1.0, track_ang_vel=0.5, lin_vel_z=-2.0, ang_vel_xy=-0.05,
-                      torque=-2.5e-5,  # Table S5
-                      joint_acc=-2.5e-7, action_rate=-0.01, undesired_contacts=-1.0, flat_orientation=-5.0,
-                      termination=-400.0)  # not in Table S5: without it the Ant learns to flip to end the penalties
-
-
-def task_reward(obs, next_obs, action, prev_action, next_contacts, terminated, command):
-    """Table S5 (feet air time left out), each term times the step time as in Isaac Lab's reward manager.
-    The same code scores the simulator (numpy) and imagination (torch)."""
-    xp = torch if isinstance(next_obs, torch.Tensor) else np
-    v, w, g = next_obs[..., LIN_VEL], next_obs[..., ANG_VEL], next_obs[..., GRAVITY]
-    terms = dict(
-        track_lin_vel=xp.exp(-((command[..., :2] - v[..., :2]) ** 2).sum(-1) / TRACKING_SIGMA2),
-        track_ang_vel=xp.exp(-((command[..., 2] - w[..., 2]) ** 2) / TRACKING_SIGMA2),
-        lin_vel_z=v[..., 2] ** 2,
-        ang_vel_xy=(w[..., :2] ** 2).sum(-1),
-        torque=(next_obs[..., TORQUE] ** 2).sum(-1),
-        joint_acc=(((next_obs[..., JOINT_VEL] - obs[..., JOINT_VEL]) / DT) ** 2).sum(-1),  # from velocities
-        action_rate=((action - prev_action) ** 2).sum(-1),
-        undesired_contacts=next_contacts[..., 4:].sum(-1),
-        flat_orientation=(g[..., :2] ** 2).sum(-1),
-        termination=terminated,
-    )
-    return DT * sum(REWARD_WEIGHTS[k] * terms[k] for k in terms)
-
-
-def tracking_error(next_obs, command):
-    """‖c - (v_x, v_y, ω_z)‖ per step."""
-    xp = torch if isinstance(next_obs, torch.Tensor) else np
-    actual = xp.stack([next_obs[..., 0], next_obs[..., 1], next_obs[..., 5]], -1)
-    return ((command - actual) ** 2).sum(-1) ** 0.5
 
 
 class AntVelocityEnv(gym.Env):
-    """Ant-v5's robot and physics; observation = world-model state (33) ⊕ command (3); info["contacts"] (8)."""
+    """Ant-v5's robot and physics; the command is (v_x, v_y, ω_z), each in [-1, 1] (m/s, rad/s).
+
+    State (33): v (3) | ω (3) | g (3) | 8 joint positions | 8 joint velocities | 8 joint torques. Contacts: the four
+    feet, then the four legs (undesired). Terminates when flipped over or fallen."""
+
+    obs_dim, act_dim, con_dim, cmd_dim, policy_obs_dim = 33, 8, 8, 3, 25 + 3
+    command_low, command_high = -np.ones(3), np.ones(3)
+    lin_vel, ang_vel, gravity = slice(0, 3), slice(3, 6), slice(6, 9)
+    joint_pos, joint_vel, torque = slice(9, 17), slice(17, 25), slice(25, 33)
+    reward_weights = dict(track_lin_vel=1.0, track_ang_vel=0.5, lin_vel_z=-2.0, ang_vel_xy=-0.05,
+                          torque=-2.5e-5,  # Table S5
+                          joint_acc=-2.5e-7, action_rate=-0.01, undesired_contacts=-1.0, flat_orientation=-5.0,
+                          termination=-400.0)  # not in Table S5: without it the Ant learns to flip to end the penalties
 
     def __init__(self, episode_steps, command_resample_steps):
         self.ant = gym.make("Ant-v5").unwrapped  # MuJoCo model/data and reset noise; obs and reward are ours
@@ -322,8 +391,34 @@ class AntVelocityEnv(gym.Env):
         # the joint each actuator drives, as an index into q[7:15] (dofs 0-5 are the free joint; actuators start at hip_4)
         self.actuated_joint = model.jnt_dofadr[model.actuator_trnid[:, 0]] - 6
         self.episode_steps, self.resample_steps = episode_steps, command_resample_steps
-        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (OBS_DIM + CMD_DIM,), np.float64)
-        self.action_space = gym.spaces.Box(-1.0, 1.0, (ACT_DIM,), np.float32)
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (self.obs_dim + self.cmd_dim,), np.float64)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (self.act_dim,), np.float32)
+
+    @classmethod
+    def reward(cls, obs, next_obs, action, prev_action, next_contacts, terminated, command):
+        """Table S5 (feet air time left out), each term times the step time as in Isaac Lab's reward manager."""
+        xp = torch if isinstance(next_obs, torch.Tensor) else np
+        v, w, g = next_obs[..., cls.lin_vel], next_obs[..., cls.ang_vel], next_obs[..., cls.gravity]
+        terms = dict(
+            track_lin_vel=xp.exp(-((command[..., :2] - v[..., :2]) ** 2).sum(-1) / TRACKING_SIGMA2),
+            track_ang_vel=xp.exp(-((command[..., 2] - w[..., 2]) ** 2) / TRACKING_SIGMA2),
+            lin_vel_z=v[..., 2] ** 2,
+            ang_vel_xy=(w[..., :2] ** 2).sum(-1),
+            torque=(next_obs[..., cls.torque] ** 2).sum(-1),
+            joint_acc=(((next_obs[..., cls.joint_vel] - obs[..., cls.joint_vel]) / DT) ** 2).sum(-1),
+            action_rate=((action - prev_action) ** 2).sum(-1),
+            undesired_contacts=next_contacts[..., 4:].sum(-1),
+            flat_orientation=(g[..., :2] ** 2).sum(-1),
+            termination=terminated,
+        )
+        return DT * sum(cls.reward_weights[k] * terms[k] for k in terms)
+
+    @classmethod
+    def tracking_error(cls, next_obs, command):
+        """‖c - (v_x, v_y, ω_z)‖ per step."""
+        xp = torch if isinstance(next_obs, torch.Tensor) else np
+        actual = xp.stack([next_obs[..., 0], next_obs[..., 1], next_obs[..., 5]], -1)
+        return ((command - actual) ** 2).sum(-1) ** 0.5
 
     def _state(self):
         d = self.ant.data
@@ -335,23 +430,20 @@ class AntVelocityEnv(gym.Env):
         return np.concatenate([lin_vel, d.qvel[3:6], gravity, d.qpos[7:15], d.qvel[6:14], d.qfrc_actuator[6:14]])
 
     def _contacts(self):
-        d, c = self.ant.data, np.zeros(CON_DIM)
+        d, c = self.ant.data, np.zeros(self.con_dim)
         g1, g2 = d.contact.geom1[: d.ncon], d.contact.geom2[: d.ncon]
         other = np.concatenate([g2[g1 == 0], g1[g2 == 0]])  # geoms touching the floor (geom 0)
         c[:4] = np.isin(self.foot_ids, other)
         c[4:] = np.isin(self.knee_ids, other)
         return c
 
-    def _sample_command(self):
-        self.command = self.np_random.uniform(-COMMAND_RANGE, COMMAND_RANGE)
-
     def reset(self, seed=None, options=None):
         super().reset(seed=seed)
         self.ant.reset(seed=seed)  # Ant-v5's reset noise, then the joints to the standing pose (plus that noise)
         self.ant.data.qpos[7:15] += DEFAULT_JOINT_POS
         mujoco.mj_forward(self.ant.model, self.ant.data)
-        self._sample_command()
-        self.t, self.prev_action, self.state = 0, np.zeros(ACT_DIM), self._state()
+        self.command = self.np_random.uniform(self.command_low, self.command_high)
+        self.t, self.prev_action, self.state = 0, np.zeros(self.act_dim), self._state()
         return np.concatenate([self.state, self.command]), {}
 
     def step(self, action):
@@ -362,23 +454,26 @@ class AntVelocityEnv(gym.Env):
             self.ant.do_simulation(np.clip(torque[self.actuated_joint] / self.gear, -1.0, 1.0), 1)
         next_state, contacts = self._state(), self._contacts()
         terminated = bool(next_state[8] > 0.0 or self.ant.data.qpos[2] < 0.2)  # flipped over or fallen
-        reward = float(task_reward(self.state, next_state, action, self.prev_action, contacts, terminated, self.command))
-        info = dict(contacts=contacts, tracking_error=float(tracking_error(next_state, self.command)))
+        reward = float(self.reward(self.state, next_state, action, self.prev_action, contacts, terminated, self.command))
+        info = dict(contacts=contacts, tracking_error=float(self.tracking_error(next_state, self.command)))
         self.t += 1
         truncated = self.t >= self.episode_steps
         if self.t % self.resample_steps == 0:
-            self._sample_command()
+            self.command = self.np_random.uniform(self.command_low, self.command_high)
         self.state, self.prev_action = next_state, action
         return np.concatenate([next_state, self.command]), reward, terminated, truncated, info
 
 
+TASKS = {"CheetahVelocity-v5": CheetahVelocityEnv, "AntVelocity-v5": AntVelocityEnv}
+
+
 def make_env(args):
-    return AntVelocityEnv(args.episode_steps, args.command_resample_steps)
+    return TASKS[args.env_id](args.episode_steps, args.command_resample_steps)
 
 
-def policy_obs(state_n, command):
-    """Table S4 from a normalised world-model state (..., 33) and the command (..., 3)."""
-    return torch.cat([state_n[..., :25], command], -1)
+def policy_obs(task, state_n, command):
+    """Table S4 from a normalised world-model state (..., obs_dim) and the command: all but the torques."""
+    return torch.cat([state_n[..., : task.torque.start], command], -1)
 
 
 class Normalizer(nn.Module):
@@ -408,8 +503,8 @@ class Normalizer(nn.Module):
 class ReplayBuffer:
     """D: real transitions of each simulator env in time order (FIFO ring of `size` steps per env)."""
 
-    def __init__(self, num_envs, size):
-        dims = dict(obs=OBS_DIM, action=ACT_DIM, next_obs=OBS_DIM, next_contacts=CON_DIM, next_term=1)
+    def __init__(self, task, num_envs, size):
+        dims = dict(obs=task.obs_dim, action=task.act_dim, next_obs=task.obs_dim, next_contacts=task.con_dim, next_term=1)
         self.data = {k: np.zeros((num_envs, size, d), np.float32) for k, d in dims.items()}
         self.episode = np.full((num_envs, size), -1, np.int64)
         self.size, self.t = size, 0
@@ -450,27 +545,33 @@ class Simulator:
 
     def __init__(self, args, n, seed, obs_rms, buffer=None, update_rms=False):
         self.envs = [make_env(args) for _ in range(n)]
+        self.task = TASKS[args.env_id]
         self.obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(self.envs)])
         self.obs_rms, self.buffer, self.update_rms = obs_rms, buffer, update_rms
         self.episode, self.next_episode = np.arange(n), n
         self.ep_return, self.ep_len, self.ep_error = np.zeros(n), np.zeros(n, int), np.zeros(n)
         self.finished = []  # dicts of finished episodes, drained by the caller
 
-    def policy_obs(self):
-        obs = torch.as_tensor(self.obs, device=self.obs_rms.mean.device)
-        return policy_obs(self.obs_rms(obs[:, :OBS_DIM]), obs[:, OBS_DIM:].float())
+    def policy_obs(self, obs=None):
+        obs = torch.as_tensor(self.obs if obs is None else obs, device=self.obs_rms.mean.device)
+        d = self.task.obs_dim
+        return policy_obs(self.task, self.obs_rms(obs[:, :d]), obs[:, d:].float())
 
     def step(self, action):
-        action = action.clamp(-1, 1).cpu().numpy()
+        """Returns the reward, whether the step ended an episode, whether it ended by the time limit only (a
+        time-out, whose value is bootstrapped) and the policy's observation of the state it reached (before any
+        reset)."""
+        action, d = action.clamp(-1, 1).cpu().numpy(), self.task.obs_dim
         out = [env.step(a) for env, a in zip(self.envs, action)]
         next_obs = np.stack([o[0] for o in out])
         reward, term, trunc = (np.array([o[i] for o in out]) for i in (1, 2, 3))
         if self.buffer is not None:
             contacts = np.stack([o[4]["contacts"] for o in out])
-            self.buffer.add(self.episode, obs=self.obs[:, :OBS_DIM], action=action, next_obs=next_obs[:, :OBS_DIM],
+            self.buffer.add(self.episode, obs=self.obs[:, :d], action=action, next_obs=next_obs[:, :d],
                             next_contacts=contacts, next_term=term.astype(np.float32))
         if self.update_rms:
-            self.obs_rms.update(next_obs[:, :OBS_DIM])
+            self.obs_rms.update(next_obs[:, :d])
+        final_obs = self.policy_obs(next_obs)
         self.ep_return += reward
         self.ep_len += 1
         self.ep_error += np.array([o[4]["tracking_error"] for o in out])
@@ -482,7 +583,8 @@ class Simulator:
             self.episode[i], self.next_episode = self.next_episode, self.next_episode + 1
             self.ep_return[i], self.ep_len[i], self.ep_error[i] = 0.0, 0, 0.0
         self.obs = next_obs
-        return torch.as_tensor(reward, dtype=torch.float32), torch.as_tensor(term | trunc, dtype=torch.float32)
+        return (torch.as_tensor(reward, dtype=torch.float32), torch.as_tensor(term | trunc, dtype=torch.float32),
+                torch.as_tensor(trunc & ~term, dtype=torch.float32), final_obs)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -500,16 +602,16 @@ def mlp(inp, hidden, out, act=nn.ReLU):
 
 
 class RWM(nn.Module):
-    def __init__(self, hidden=256, head=128):
+    def __init__(self, task, hidden=256, head=128):
         super().__init__()
-        self.gru = nn.GRU(OBS_DIM + ACT_DIM, hidden, num_layers=2, batch_first=True)
-        self.mean = mlp(hidden, [head], OBS_DIM)
-        self.log_std = mlp(hidden, [head], OBS_DIM)
-        self.contact = mlp(hidden, [head], CON_DIM)
+        self.gru = nn.GRU(task.obs_dim + task.act_dim, hidden, num_layers=2, batch_first=True)
+        self.mean = mlp(hidden, [head], task.obs_dim)
+        self.log_std = mlp(hidden, [head], task.obs_dim)
+        self.contact = mlp(hidden, [head], task.con_dim)
         self.termination = mlp(hidden, [head], 1)
 
     def forward(self, obs, action, h=None):
-        """Normalised (B, T, 33), (B, T, 8) -> next-state Gaussian (mean, log_std), contact and termination
+        """Normalised states (B, T, obs_dim) and actions (B, T, act_dim) -> next-state Gaussian (mean, log_std), contact and termination
         logits for each step, and the GRU state (2, B, hidden)."""
         x, h = self.gru(torch.cat([obs, action], -1), h)
         mean = obs + self.mean(x)  # residual on the last input state
@@ -517,7 +619,7 @@ class RWM(nn.Module):
         return mean, log_std, self.contact(x), self.termination(x).squeeze(-1), h
 
     def forecast(self, obs, action, horizon):
-        """Warm up on the M history states, then feed back the predicted means: (B, horizon, 33)."""
+        """Warm up on the M history states, then feed back the predicted means: (B, horizon, obs_dim)."""
         M = obs.shape[1]
         mean, _, _, _, h = self(obs, action[:, :M])
         preds = [mean[:, -1:]]
@@ -536,8 +638,12 @@ def prediction_loss(mean, log_std, con_logit, term_logit, next_obs, next_con, ne
 
 def rwm_loss(model, obs, action, next_obs, next_con, next_term, M, N):
     """Eq. (2) with α = 1 on windows of M + N - 1 steps: inner autoregression over the M history steps,
-    then N forecast steps, each fed the model's own reparameterised sample (not detached)."""
+    then N forecast steps, each fed the model's own reparameterised sample (not detached).
+    N = 1 is teacher forcing (RWM-TF): every one of the M steps predicts its successor from true inputs, so that it
+    gets as many targets per window as N = 8 gets (one per window would train it on an eighth of the targets)."""
     mean, log_std, con, term, h = model(obs[:, :M], action[:, :M])
+    if N == 1:
+        return prediction_loss(mean, log_std, con, term, next_obs[:, :M], next_con[:, :M], next_term[:, :M])
     mean, log_std, con, term = mean[:, -1:], log_std[:, -1:], con[:, -1:], term[:, -1:]
     loss = 0.0
     for k in range(N):
@@ -577,11 +683,12 @@ class Imagination:
     window: the GRU warms up on its M real history steps and imagination continues from the real state that
     follows them (the public code resets the hidden state and keeps one frame)."""
 
-    def __init__(self, model, obs_rms, buffer, n, M, rng, device):
-        self.model, self.obs_rms, self.buffer, self.M, self.rng, self.device = model, obs_rms, buffer, M, rng, device
+    def __init__(self, task, model, obs_rms, buffer, n, M, rng, device):
+        self.task, self.model, self.obs_rms, self.buffer, self.M, self.rng = task, model, obs_rms, buffer, M, rng
+        self.device = device
         self.h = torch.zeros(model.gru.num_layers, n, model.gru.hidden_size, device=device)
-        self.state, self.prev_action = torch.zeros(n, OBS_DIM, device=device), torch.zeros(n, ACT_DIM, device=device)
-        self.command = torch.zeros(n, CMD_DIM, device=device)
+        self.state = torch.zeros(n, task.obs_dim, device=device)
+        self.prev_action, self.command = torch.zeros(n, task.act_dim, device=device), torch.zeros(n, task.cmd_dim, device=device)
         self.reset(torch.arange(n, device=device))
 
     @torch.no_grad()
@@ -592,11 +699,12 @@ class Imagination:
         self.h[:, idx] = h
         self.state[idx] = b["next_obs"][:, -1]  # the real state after the history
         self.prev_action[idx] = action[:, -1]
-        limit = torch.as_tensor(COMMAND_RANGE, device=self.device)
-        self.command[idx] = (2 * torch.rand(len(idx), CMD_DIM, device=self.device) - 1) * limit
+        low, high = (torch.as_tensor(x, dtype=torch.float32, device=self.device) for x in (self.task.command_low,
+                                                                                             self.task.command_high))
+        self.command[idx] = low + (high - low) * torch.rand(len(idx), self.task.cmd_dim, device=self.device)
 
     def policy_obs(self):
-        return policy_obs(self.obs_rms(self.state.double()), self.command)
+        return policy_obs(self.task, self.obs_rms(self.state.double()), self.command)
 
     @torch.no_grad()
     def step(self, action):
@@ -604,22 +712,23 @@ class Imagination:
         mean, log_std, con, term, self.h = self.model(self.obs_rms(self.state.double())[:, None], action[:, None], self.h)
         next_state = self.obs_rms.denormalize((mean + log_std.exp() * torch.randn_like(mean))[:, 0].double())
         contacts, done = (torch.sigmoid(con[:, 0]) > 0.5).float(), torch.sigmoid(term[:, 0]) > 0.5
-        reward = task_reward(self.state, next_state, action, self.prev_action, contacts, done.float(), self.command)
+        reward = self.task.reward(self.state, next_state, action, self.prev_action, contacts, done.float(), self.command)
+        final_obs = policy_obs(self.task, self.obs_rms(next_state.double()), self.command)
         self.state, self.prev_action = next_state, action
         if done.any():
             self.reset(done.nonzero().squeeze(-1))
-        return reward, done.float()
+        return reward, done.float(), torch.zeros_like(reward), final_obs  # no time limit in imagination
 
 
 # ----------------------------------------------------------------------------------------------------
 # PPO (rsl_rl style: adaptive-KL learning rate, Table S8 networks)
 # ----------------------------------------------------------------------------------------------------
 class Agent(nn.Module):
-    def __init__(self):
+    def __init__(self, task):
         super().__init__()
-        self.actor = mlp(POLICY_OBS_DIM, [128, 128, 128], ACT_DIM, nn.ELU)
-        self.critic = mlp(POLICY_OBS_DIM, [128, 128, 128], 1, nn.ELU)
-        self.log_std = nn.Parameter(torch.zeros(ACT_DIM))
+        self.actor = mlp(task.policy_obs_dim, [128, 128, 128], task.act_dim, nn.ELU)
+        self.critic = mlp(task.policy_obs_dim, [128, 128, 128], 1, nn.ELU)
+        self.log_std = nn.Parameter(torch.zeros(task.act_dim))
 
     def get_value(self, x):
         return self.critic(x).squeeze(-1)
@@ -640,7 +749,9 @@ def rollout(agent, env, num_steps, gamma, lam):
     for _ in range(num_steps):
         obs = env.policy_obs()
         action, logprob, _, value, mu = agent.get_action_and_value(obs)
-        reward, done = env.step(action)
+        reward, done, time_out, final_obs = env.step(action)
+        if time_out.any():  # an episode cut by the time limit is not over: bootstrap its last state's value (rsl_rl)
+            reward = reward + gamma * time_out * agent.get_value(final_obs).to(reward.device)
         for k, v in zip(keys, (obs, action, logprob, value, mu, reward.to(obs.device), done.to(obs.device))):
             buf[k].append(v)
     buf = {k: torch.stack(v) for k, v in buf.items()}  # (T, B, ...)
@@ -689,7 +800,7 @@ def ppo_update(agent, optimizer, b, args):
 def evaluate(agent, obs_rms, args, episodes, seed):
     """Deterministic policy (the mean) in the simulator, one episode per env."""
     sim = Simulator(args, episodes, seed, obs_rms)
-    first = {}
+    first = {}  # each env's first episode
     while len(first) < episodes:
         sim.step(agent.actor(sim.policy_obs()))
         for ep in sim.finished:
@@ -704,35 +815,39 @@ def evaluate(agent, obs_rms, args, episodes, seed):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Baselines of the prediction study (Table S7), trained with teacher forcing as in the paper
+# Baselines of the prediction study (Table S7): the MLP trained autoregressively as RWM-AR is (Fig. 6's MLP), the
+# Transformer and the RSSM with teacher forcing at every position
 # ----------------------------------------------------------------------------------------------------
 class MLPModel(nn.Module):
     """Next state (residual mean) from the flattened window of the last M (state, action) pairs."""
 
-    def __init__(self, M):
+    def __init__(self, task, M):
         super().__init__()
-        self.M, self.net = M, mlp(M * (OBS_DIM + ACT_DIM), [256, 256], OBS_DIM)
+        self.M, self.net = M, mlp(M * (task.obs_dim + task.act_dim), [256, 256], task.obs_dim)
 
-    def next_obs(self, obs, action):  # (B, M, ·) -> (B, 33)
+    def next_obs(self, obs, action):  # (B, M, ·) -> (B, obs_dim)
         return obs[:, -1] + self.net(torch.cat([obs, action], -1).flatten(1))
 
-    def loss(self, b):
-        return F.mse_loss(self.next_obs(b["obs"], b["action"]), b["next_obs"][:, -1])
+    def loss(self, b, N):
+        """Mean squared error of an N-step autoregressive forecast (predictions fed back, not detached) on windows of
+        M + N - 1 steps: the MLP's version of Eq. (2)."""
+        pred = rolling_forecast(self, b["obs"][:, : self.M], b["action"], N)
+        return F.mse_loss(pred, b["next_obs"][:, self.M - 1 :])
 
 
 class TransformerModel(nn.Module):
     """Decoder-only Transformer (dim 64, 8 heads, 2 layers, context M, sinusoidal positions)."""
 
-    def __init__(self, M, dim=64):
+    def __init__(self, task, M, dim=64):
         super().__init__()
-        self.M, self.embed = M, nn.Linear(OBS_DIM + ACT_DIM, dim)
+        self.M, self.embed = M, nn.Linear(task.obs_dim + task.act_dim, dim)
         pos, i = torch.arange(M)[:, None], torch.arange(0, dim, 2)
         pe = torch.zeros(M, dim)
         pe[:, 0::2], pe[:, 1::2] = torch.sin(pos / 10000 ** (i / dim)), torch.cos(pos / 10000 ** (i / dim))
         self.register_buffer("pe", pe)
         layer = nn.TransformerEncoderLayer(dim, 8, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
         self.blocks = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.head = nn.Linear(dim, OBS_DIM)
+        self.head = nn.Linear(dim, task.obs_dim)
 
     def forward(self, obs, action):  # (B, T <= M, ·) -> next-state prediction at every position
         T = obs.shape[1]
@@ -743,12 +858,12 @@ class TransformerModel(nn.Module):
     def next_obs(self, obs, action):
         return self(obs, action)[:, -1]
 
-    def loss(self, b):
+    def loss(self, b, N=1):
         return F.mse_loss(self(b["obs"], b["action"]), b["next_obs"])
 
 
 def rolling_forecast(model, obs, action, horizon):
-    """Autoregression over a sliding window of the last M states, predicted ones appended: (B, horizon, 33)."""
+    """Autoregression over a sliding window of the last M states, predicted ones appended: (B, horizon, obs_dim)."""
     M = obs.shape[1]
     for k in range(horizon):
         pred = model.next_obs(obs[:, -M:], action[:, k : k + M])
@@ -759,9 +874,10 @@ def rolling_forecast(model, obs, action, horizon):
 class RSSMModel(nn.Module):
     """The shared DreamerV3 RSSM (rssm.py) with its vector encoder/decoder; reward and continuation heads off."""
 
-    def __init__(self):
+    def __init__(self, task):
         super().__init__()
-        cfg = RSSMConfig.preset("small", obs_shape=(OBS_DIM,), action_dim=ACT_DIM, reward_scale=0.0, cont_scale=0.0)
+        cfg = RSSMConfig.preset("small", obs_shape=(task.obs_dim,), action_dim=task.act_dim, reward_scale=0.0,
+                                cont_scale=0.0)
         self.rssm = RSSM(cfg)
 
     def observe(self, obs, action):  # rssm.py: actions[:, t] leads into frame t
@@ -770,7 +886,7 @@ class RSSMModel(nn.Module):
         is_first[:, 0] = True
         return self.rssm.observe(self.rssm.encode(obs), prev_action, is_first)
 
-    def loss(self, b):
+    def loss(self, b, N=1):
         post, prior = self.observe(b["obs"], b["action"])
         zeros = torch.zeros(b["obs"].shape[:2], device=b["obs"].device)
         return self.rssm.loss(post, prior, b["obs"], zeros, 1 - zeros)[0]
@@ -900,14 +1016,14 @@ def log_eval(writer, run_dir, mode, result, step, start_time):
 
 def policy_learning(args, writer, run_dir, device, rng, ckpt):
     """--mode mbpo-ppo (Algorithm 1) and --mode ppo-sim: the same PPO, on imagined or on real rollouts."""
-    mbpo = args.mode == "mbpo-ppo"
-    agent, obs_rms = Agent().to(device), Normalizer(OBS_DIM).to(device)
+    mbpo, task = args.mode == "mbpo-ppo", TASKS[args.env_id]
+    agent, obs_rms = Agent(task).to(device), Normalizer(task.obs_dim).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate)
     M, N = args.history_horizon, args.forecast_horizon
     if mbpo:  # Algorithm 1 line 1: policy, world model, replay buffer
-        model = RWM(args.wm_hidden).to(device)
+        model = RWM(task, args.wm_hidden).to(device)
         wm_optimizer = torch.optim.Adam(model.parameters(), lr=args.wm_lr)
-        buffer = ReplayBuffer(args.num_real_envs, args.buffer_size)
+        buffer = ReplayBuffer(task, args.num_real_envs, args.buffer_size)
         sim = Simulator(args, args.num_real_envs, args.seed, obs_rms, buffer)
         num_iterations = args.iterations
     else:
@@ -994,7 +1110,7 @@ def policy_learning(args, writer, run_dir, device, rng, ckpt):
             check_finite("world-model loss", wm_loss, global_step)
             writer.add_scalar("world_model/loss", wm_loss, global_step)
             # lines 5-6: imagination agents from D (with the M-step warm-up), rolled out for T steps
-            imagination = Imagination(model, obs_rms, buffer, args.imagination_envs, M, rng, device)
+            imagination = Imagination(task, model, obs_rms, buffer, args.imagination_envs, M, rng, device)
             b = rollout(agent, imagination, args.imagination_steps, args.gamma, args.gae_lambda)
             writer.add_scalar("imagination/reward", b["rewards"].mean().item(), global_step)
             writer.add_scalar("imagination/termination_rate", b["dones"].mean().item(), global_step)
@@ -1034,7 +1150,8 @@ def policy_learning(args, writer, run_dir, device, rng, ckpt):
 def prediction_study(args, writer, run_dir, device, rng):
     """Fig. 6-8: train each model on one dataset, then the relative autoregressive error on held-out windows."""
     M, N, H = args.history_horizon, args.forecast_horizon, args.study_eval_horizon
-    agent, obs_rms = Agent(), Normalizer(OBS_DIM)
+    task = TASKS[args.env_id]
+    agent, obs_rms = Agent(task), Normalizer(task.obs_dim)
     if args.study_policy:
         ckpt = load_checkpoint(args.study_policy)
         agent.load_state_dict(ckpt["agent"])
@@ -1043,13 +1160,15 @@ def prediction_study(args, writer, run_dir, device, rng):
     start_stage("simulator data")
     buffers = []
     for seed, steps in ((args.seed, args.study_steps), (args.seed + 1000, max(M + H, args.study_steps // 4))):
-        buffers.append(ReplayBuffer(args.num_real_envs, steps))
+        buffers.append(ReplayBuffer(task, args.num_real_envs, steps))
         rollout(agent, Simulator(args, args.num_real_envs, seed, obs_rms, buffers[-1]), steps, args.gamma, args.gae_lambda)
     train_buf, test_buf = buffers
-    data_rms = Normalizer(OBS_DIM).to(device)
+    data_rms = Normalizer(task.obs_dim).to(device)
     data_rms.update(train_buf.data["obs"])
-    models = {"RWM-AR": (RWM(args.wm_hidden), N, 1e-3), "RWM-TF": (RWM(args.wm_hidden), 1, 1e-3),
-              "MLP": (MLPModel(M), 1, 1e-3), "RSSM": (RSSMModel(), 1, 3e-4), "Transformer": (TransformerModel(M), 1, 3e-4)}
+    # name: (model, forecast steps of its training loss (1: teacher forcing at every position), learning rate)
+    models = {"RWM-AR": (RWM(task, args.wm_hidden), N, 1e-3), "RWM-TF": (RWM(task, args.wm_hidden), 1, 1e-3),
+              "MLP": (MLPModel(task, M), N, 1e-3), "RSSM": (RSSMModel(task), 1, 3e-4),
+              "Transformer": (TransformerModel(task, M), 1, 3e-4)}
     test = normalized_batch(test_buf, args.study_eval_windows, M + H - 1, data_rms, np.random.default_rng(0), device)
     results, checkpoints = {}, {}
     for name, (model, n_forecast, lr) in models.items():
@@ -1061,7 +1180,7 @@ def prediction_study(args, writer, run_dir, device, rng):
             if isinstance(model, RWM):
                 loss = rwm_loss(model, b["obs"], b["action"], b["next_obs"], b["next_contacts"], b["next_term"], M, n_forecast)
             else:
-                loss = model.loss(b)
+                loss = model.loss(b, n_forecast)
             optimizer.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)

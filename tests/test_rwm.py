@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import mujoco
 import numpy as np
 import pytest
 import torch
@@ -17,13 +18,14 @@ import rwm_mbpo_ppo as rwm  # noqa: E402
 
 torch.set_num_threads(1)
 B, M = 4, 5
+TASK, ANT = rwm.CheetahVelocityEnv, rwm.AntVelocityEnv  # the default task and the paper's
 
 
 def make_batch(L, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return dict(obs=torch.randn(B, L, rwm.OBS_DIM, generator=g), action=torch.rand(B, L, rwm.ACT_DIM, generator=g) * 2 - 1,
-                next_obs=torch.randn(B, L, rwm.OBS_DIM, generator=g),
-                next_contacts=(torch.rand(B, L, rwm.CON_DIM, generator=g) > 0.5).float(),
+    return dict(obs=torch.randn(B, L, TASK.obs_dim, generator=g), action=torch.rand(B, L, TASK.act_dim, generator=g) * 2 - 1,
+                next_obs=torch.randn(B, L, TASK.obs_dim, generator=g),
+                next_contacts=(torch.rand(B, L, TASK.con_dim, generator=g) > 0.5).float(),
                 next_term=(torch.rand(B, L, 1, generator=g) > 0.9).float())
 
 
@@ -43,25 +45,27 @@ class Spy(rwm.RWM):
 
 def spy(hidden=16):
     torch.manual_seed(0)
-    model = Spy(hidden)
+    model = Spy(TASK, hidden)
     model.calls = []
     return model
 
 
-def test_autoregressive_loss_with_one_forecast_step_is_teacher_forcing():
+def test_one_forecast_step_is_teacher_forcing_with_a_loss_at_every_position():
     torch.manual_seed(0)
-    model, b = rwm.RWM(16), make_batch(M)
-    # teacher forcing, written plainly: one parallel pass over the true states, loss on the prediction of s_M
+    model, b = rwm.RWM(TASK, 16), make_batch(M)
+    # teacher forcing, written plainly: one parallel pass over the true states, every position predicts its successor
     mean, log_std, con, term, _ = model(b["obs"], b["action"])
-    target = b["next_obs"][:, M - 1]
-    log_p = torch.distributions.Normal(mean[:, -1], log_std[:, -1].exp()).log_prob(target).sum(-1)
-    nll = -log_p.mean() - 0.5 * math.log(2 * math.pi) * rwm.OBS_DIM  # the script drops the constant
-    p_c, y_c = torch.sigmoid(con[:, -1]), b["next_contacts"][:, M - 1]
+    log_p = torch.distributions.Normal(mean, log_std.exp()).log_prob(b["next_obs"]).sum(-1)  # (B, M)
+    nll = -log_p.mean() - 0.5 * math.log(2 * math.pi) * TASK.obs_dim  # the script drops the constant
+    p_c, y_c = torch.sigmoid(con), b["next_contacts"]
     bce_c = -(y_c * p_c.log() + (1 - y_c) * (1 - p_c).log()).mean()
-    p_d, y_d = torch.sigmoid(term[:, -1]), b["next_term"][:, M - 1, 0]
+    p_d, y_d = torch.sigmoid(term), b["next_term"][..., 0]
     bce_d = -(y_d * p_d.log() + (1 - y_d) * (1 - p_d).log()).mean()
-    expected = nll + bce_c + bce_d
-    torch.testing.assert_close(loss_of(model, b, 1), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(loss_of(model, b, 1), nll + bce_c + bce_d, rtol=1e-5, atol=1e-4)
+    # every position counts: changing the target of the first step changes the loss (with N > 1 it would not)
+    first = dict(b, next_obs=b["next_obs"].clone())
+    first["next_obs"][:, 0] += 1.0
+    assert not torch.allclose(loss_of(model, first, 1), loss_of(model, b, 1))
 
 
 def test_gradients_flow_through_fed_back_samples():
@@ -99,36 +103,36 @@ def test_warm_up_consumes_exactly_M_steps():
 
 
 def test_imagination_starts_after_an_M_step_warm_up():
-    buffer, rms = rwm.ReplayBuffer(1, 50), rwm.Normalizer(rwm.OBS_DIM)
-    states = torch.arange(51, dtype=torch.float32)[:, None].repeat(1, rwm.OBS_DIM)  # state t = t everywhere
+    buffer, rms = rwm.ReplayBuffer(TASK, 1, 50), rwm.Normalizer(TASK.obs_dim)
+    states = torch.arange(51, dtype=torch.float32)[:, None].repeat(1, TASK.obs_dim)  # state t = t everywhere
     for t in range(50):
-        buffer.add(np.array([0]), obs=states[t:t + 1].numpy(), action=np.zeros((1, rwm.ACT_DIM)),
-                   next_obs=states[t + 1:t + 2].numpy(), next_contacts=np.zeros((1, rwm.CON_DIM)), next_term=np.zeros(1))
+        buffer.add(np.array([0]), obs=states[t:t + 1].numpy(), action=np.zeros((1, TASK.act_dim)),
+                   next_obs=states[t + 1:t + 2].numpy(), next_contacts=np.zeros((1, TASK.con_dim)), next_term=np.zeros(1))
     model = spy()
-    im = rwm.Imagination(model, rms, buffer, 3, M, np.random.default_rng(0), "cpu")
+    im = rwm.Imagination(TASK, model, rms, buffer, 3, M, np.random.default_rng(0), "cpu")
     warm = model.calls[0]
     assert warm.shape[:2] == (3, M)
     # the imagined state is the real one right after the history, the GRU state is the warm-up's
     torch.testing.assert_close(im.state[:, 0], warm[:, -1, 0] + 1)
-    torch.testing.assert_close(im.h, model(warm, torch.zeros(3, M, rwm.ACT_DIM))[-1])
+    torch.testing.assert_close(im.h, model(warm, torch.zeros(3, M, TASK.act_dim))[-1])
 
 
 def test_forecasts_pair_each_state_with_its_own_action():
     """The model that predicts state M + k gets action M + k - 1 (the public evaluation is off by one)."""
     H = 4
-    obs = torch.randn(2, M, rwm.OBS_DIM)
-    action = torch.arange(M + H - 1, dtype=torch.float32)[None, :, None].repeat(2, 1, rwm.ACT_DIM)  # action t = t
+    obs = torch.randn(2, M, TASK.obs_dim)
+    action = torch.arange(M + H - 1, dtype=torch.float32)[None, :, None].repeat(2, 1, TASK.act_dim)  # action t = t
     model = spy()
     seen = []
     model.gru.register_forward_hook(lambda mod, inp, out: seen.append(inp[0][0, :, -1].tolist()))
-    assert model.forecast(obs, action, H).shape == (2, H, rwm.OBS_DIM)
+    assert model.forecast(obs, action, H).shape == (2, H, TASK.obs_dim)
     assert sum(seen, []) == list(range(M + H - 1))
-    mlp = rwm.MLPModel(M)
+    mlp = rwm.MLPModel(TASK, M)
     windows = []
     mlp.next_obs = lambda o, a: windows.append(a[0, :, 0].tolist()) or o[:, -1]
     rwm.rolling_forecast(mlp, obs, action, H)
     assert windows == [list(range(k, k + M)) for k in range(H)]
-    rssm = rwm.RSSMModel()
+    rssm = rwm.RSSMModel(TASK)
     used = []
     step = rssm.rssm.img_step
     rssm.rssm.img_step = lambda state, a, sample=True: used.append(a[0, 0].item()) or step(state, a, sample)
@@ -154,9 +158,9 @@ class Oracle(torch.nn.Module):
     def forward(self, obs, action, h=None):
         n = obs.shape[0]
         if obs.shape[1] > 1:  # warm-up
-            return obs, obs, torch.zeros(n, obs.shape[1], rwm.CON_DIM), torch.zeros(n, obs.shape[1]), torch.zeros(2, n, 4)
+            return obs, obs, torch.zeros(n, obs.shape[1], TASK.con_dim), torch.zeros(n, obs.shape[1]), torch.zeros(2, n, 4)
         nxt, con = self.queue.pop(0)
-        return (self.rms(nxt.double())[:, None], torch.full((n, 1, rwm.OBS_DIM), -40.0), (2 * con - 1)[:, None] * 50,
+        return (self.rms(nxt.double())[:, None], torch.full((n, 1, TASK.obs_dim), -40.0), (2 * con - 1)[:, None] * 50,
                 torch.full((n, 1), -50.0), h)
 
 
@@ -164,19 +168,62 @@ def test_actions_are_joint_position_targets():
     env = rwm.AntVelocityEnv(episode_steps=400, command_resample_steps=200)
     obs, _ = env.reset(seed=0)
     for _ in range(40):  # zero action: the PD loop holds the standing pose, on the ground, with small torques
-        obs, _, terminated, _, _ = env.step(np.zeros(rwm.ACT_DIM))
+        obs, _, terminated, _, _ = env.step(np.zeros(ANT.act_dim))
     assert not terminated and 0.3 < env.ant.data.qpos[2] < 0.7
-    np.testing.assert_allclose(obs[rwm.JOINT_POS], rwm.DEFAULT_JOINT_POS, atol=0.05)
-    assert np.abs(obs[rwm.TORQUE]).max() < 5.0
+    np.testing.assert_allclose(obs[ANT.joint_pos], rwm.DEFAULT_JOINT_POS, atol=0.05)
+    assert np.abs(obs[ANT.torque]).max() < 5.0
     # each action moves its own joint (the Ant's actuators are listed in another order than its joints)
     for j in (0, 1, 6):
         env.reset(seed=0)
-        action = np.zeros(rwm.ACT_DIM)
+        action = np.zeros(ANT.act_dim)
         action[j] = -0.5 if j == 1 else 0.5  # targets 0.25 rad off the pose, inside the joint ranges
         for _ in range(40):
             obs, *_ = env.step(action)
         target = rwm.DEFAULT_JOINT_POS + rwm.ACTION_SCALE * action
-        np.testing.assert_allclose(obs[rwm.JOINT_POS], target, atol=0.06)
+        np.testing.assert_allclose(obs[ANT.joint_pos], target, atol=0.06)
+
+
+def test_cheetah_state_contacts_and_termination():
+    env = TASK(episode_steps=400, command_resample_steps=200)
+    env.reset(seed=0)
+    d = env.robot.data
+    d.qvel[:] = 0.0
+    d.qvel[0], d.qvel[2] = 1.5, 0.3  # forward velocity, pitch rate
+    d.qpos[2] = 0.0
+    mujoco.mj_forward(env.robot.model, d)
+    state = env._state()
+    assert state.shape == (TASK.obs_dim,)
+    np.testing.assert_allclose(state[TASK.lin_vel], [1.5, 0.0], atol=1e-9)  # level: body frame = world frame
+    np.testing.assert_allclose(state[TASK.ang_vel], [0.3])
+    np.testing.assert_allclose(state[TASK.gravity], [0.0, -1.0], atol=1e-9)
+    np.testing.assert_allclose(state[TASK.joint_pos], d.qpos[3:9])
+    env.reset(seed=0)
+    for _ in range(20):  # zero torques: the cheetah settles on its feet, no undesired contact, no termination
+        obs, _, terminated, _, info = env.step(np.zeros(TASK.act_dim))
+        assert not terminated
+    assert info["contacts"][:2].sum() >= 1 and info["contacts"][2:].sum() == 0
+    env.reset(seed=0)
+    env.robot.data.qpos[2] = TASK.MAX_PITCH + 0.2  # nose up past the limit: the episode ends on the next step
+    mujoco.mj_forward(env.robot.model, env.robot.data)
+    _, reward, terminated, _, _ = env.step(np.zeros(TASK.act_dim))
+    assert terminated and reward < rwm.DT * TASK.reward_weights["termination"] + rwm.DT
+
+
+def test_mlp_is_trained_autoregressively_on_its_own_predictions():
+    torch.manual_seed(0)
+    N, model = 3, rwm.MLPModel(TASK, M)
+    b = make_batch(M + N - 1)
+    obs = b["obs"][:, :M]
+    preds = []
+    for k in range(N):  # each prediction is fed back as the newest state of the next window
+        preds.append(model.next_obs(obs[:, -M:], b["action"][:, k : k + M]))
+        obs = torch.cat([obs, preds[-1][:, None]], 1)
+    expected = torch.nn.functional.mse_loss(torch.stack(preds, 1), b["next_obs"][:, M - 1 :])
+    loss = model.loss(b, N)
+    torch.testing.assert_close(loss, expected)
+    later = dict(b, obs=b["obs"].clone())
+    later["obs"][:, M:] += 10.0  # true states after the history are never inputs
+    torch.testing.assert_close(model.loss(later, N), loss)
 
 
 def test_imagination_reward_matches_the_simulator():
@@ -186,35 +233,35 @@ def test_imagination_reward_matches_the_simulator():
     rng = np.random.default_rng(0)
     rows = []
     for _ in range(30):
-        state, command, prev_action = obs[:rwm.OBS_DIM], obs[rwm.OBS_DIM:], env.prev_action
-        action = rng.uniform(-1, 1, rwm.ACT_DIM) * 0.5
+        state, command, prev_action = obs[:TASK.obs_dim], obs[TASK.obs_dim:], env.prev_action
+        action = rng.uniform(-1, 1, TASK.act_dim) * 0.5
         obs, reward, terminated, truncated, info = env.step(action)
         assert not (terminated or truncated)
-        rows.append((state, command, prev_action, action, obs[:rwm.OBS_DIM], info["contacts"], reward))
+        rows.append((state, command, prev_action, action, obs[:TASK.obs_dim], info["contacts"], reward))
     assert np.std([r[-1] for r in rows]) > 0
-    assert sum(r[5][:4].sum() for r in rows) > 0  # the feet touch the floor
+    assert sum(r[5][:2].sum() for r in rows) > 0  # the feet touch the floor
     tensor = lambda i: torch.tensor(np.stack([r[i] for r in rows]), dtype=torch.float32)  # noqa: E731
     state, command, prev_action, action, next_state, contacts = (tensor(i) for i in range(6))
     sim_reward = torch.tensor([r[-1] for r in rows], dtype=torch.float32)
     # the reward function on the same states, in torch and batched
     no_term = torch.zeros(len(rows))
-    torch.testing.assert_close(rwm.task_reward(state, next_state, action, prev_action, contacts, no_term, command),
+    torch.testing.assert_close(TASK.reward(state, next_state, action, prev_action, contacts, no_term, command),
                                sim_reward, rtol=1e-4, atol=1e-4)
-    fell = rwm.task_reward(state, next_state, action, prev_action, contacts, no_term + 1, command)
-    torch.testing.assert_close(fell - sim_reward, no_term + rwm.DT * rwm.REWARD_WEIGHTS["termination"])
+    fell = TASK.reward(state, next_state, action, prev_action, contacts, no_term + 1, command)
+    torch.testing.assert_close(fell - sim_reward, no_term + rwm.DT * TASK.reward_weights["termination"])
     # the imagination environment, stepping an oracle model through the recorded transitions one by one
-    buffer, rms = rwm.ReplayBuffer(1, 20), rwm.Normalizer(rwm.OBS_DIM)
+    buffer, rms = rwm.ReplayBuffer(TASK, 1, 20), rwm.Normalizer(TASK.obs_dim)
     rms.update(next_state)
     for t in range(20):
         buffer.add(np.array([0]), obs=state[t:t + 1].numpy(), action=action[t:t + 1].numpy(),
                    next_obs=next_state[t:t + 1].numpy(), next_contacts=contacts[t:t + 1].numpy(), next_term=np.zeros(1))
     oracle = Oracle(rms, next_state[:, None], contacts[:, None])
-    im = rwm.Imagination(oracle, rms, buffer, 1, M, np.random.default_rng(0), "cpu")
+    im = rwm.Imagination(TASK, oracle, rms, buffer, 1, M, np.random.default_rng(0), "cpu")
     im.state, im.prev_action, im.command = state[:1].clone(), prev_action[:1].clone(), command[:1].clone()
     for t in range(len(rows)):
         im.command = command[t:t + 1].clone()  # the simulator resamples commands; imagination keeps its own
-        reward, done = im.step(action[t:t + 1])
-        assert done.item() == 0.0
+        reward, done, time_out, _ = im.step(action[t:t + 1])
+        assert done.item() == 0.0 and time_out.item() == 0.0
         torch.testing.assert_close(reward, sim_reward[t:t + 1], rtol=1e-5, atol=1e-5)
 
 
@@ -248,7 +295,7 @@ def test_tiny_policy_learning_writes_outputs_and_resumes(mode, tmp_path):
     assert ckpt["obs_rms"]["count"] > 1  # normalisers travel with the policy
     if mode == "mbpo-ppo":
         assert {"world_model", "wm_optimizer", "buffer"} <= set(ckpt)
-    agent = rwm.Agent()
+    agent = rwm.Agent(TASK)
     agent.load_state_dict(ckpt["agent"])
     more = ["--iterations", "5"] if mode == "mbpo-ppo" else ["--total-timesteps", "384"]
     run("--resume", run_dir, *more, preset=())  # the run's arguments
@@ -306,8 +353,8 @@ def test_refused_command_leaves_no_run_directory_and_help_lists_the_presets(tmp_
     assert not (tmp_path / "runs").exists()
     proc = run("--help", preset=())
     presets = " ".join(proc.stdout.split("Presets (--preset NAME")[1].split())
-    assert "tiny episode_steps=100, command_resample_steps=50" in presets
-    assert "paper episode_steps=1000" in presets and "imagination_envs=4096" in presets
+    assert "tiny env_id=CheetahVelocity-v5, episode_steps=100, command_resample_steps=50" in presets
+    assert "paper env_id=AntVelocity-v5, episode_steps=1000" in presets and "imagination_envs=4096" in presets
 
 
 def test_ctrl_c_saves_the_pretraining_and_resume_continues_it(tmp_path, ctrl_c):
