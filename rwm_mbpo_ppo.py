@@ -1,10 +1,13 @@
-"""Robotic World Model (RWM) + MBPO-PPO on a MuJoCo legged velocity-tracking task (seed 004).
+"""Robotic World Model (RWM) + MBPO-PPO on MuJoCo legged velocity-tracking tasks (seed 004).
 
 Li, Krause, Hutter, "Robotic World Model: A Neural Network Simulator for Robust Policy Optimization in
 Robotics": a GRU world model trained with dual-autoregressive training (history M = 32, forecast N = 8,
 Eq. 1-2), and policy optimisation with PPO on its imagined rollouts (Algorithm 1, Table S10).
-MuJoCo's Ant (gymnasium Ant-v5) stands in for ANYmal D; the task (commands, observations, contacts,
-rewards, termination) is defined here in `make_env`. See ../shared/ALGORITHMS.md §9.
+Two tasks stand in for ANYmal D (TASKS): `CheetahVelocity-v5` (gymnasium's HalfCheetah tracking a forward-velocity
+command; it can flip, which ends the episode), which PPO learns on a 2-core CPU and the `tiny`/`default` presets
+use, and `AntVelocity-v5` (the Ant tracking omnidirectional commands through a PD loop), the `paper` preset's.
+Each task defines its commands, observations (Table S1), contacts, rewards (Table S5) and termination here.
+See ../shared/ALGORITHMS.md §9.
 
     python rwm_mbpo_ppo.py --seed 1                              # MBPO-PPO (Algorithm 1)
     python rwm_mbpo_ppo.py --mode ppo-sim --seed 1               # the same PPO in the simulator
@@ -153,24 +156,23 @@ class Args:
 
 # Sizes per preset (the algorithmic constants above are those of Tables S6-S10)
 PRESETS = {
-    "tiny": dict(env_id="CheetahVelocity-v5", episode_steps=100, command_resample_steps=50, eval_episodes=2, eval_every=2, history_horizon=8,
-                 forecast_horizon=4, wm_hidden=32, wm_batch_size=16, pretrain_steps=60, pretrain_updates=5,
-                 wm_updates=2, buffer_size=200, num_real_envs=2, real_steps=8, imagination_envs=16,
-                 imagination_steps=10, iterations=3, num_envs=2, num_steps=32, total_timesteps=256,
-                 study_steps=100, study_updates=5, study_eval_horizon=8, study_eval_windows=16),
+    "tiny": dict(env_id="CheetahVelocity-v5", episode_steps=100, command_resample_steps=50, eval_episodes=2,
+                 eval_every=2, history_horizon=8, forecast_horizon=4, wm_hidden=32, wm_batch_size=16,
+                 pretrain_steps=60, pretrain_updates=5, wm_updates=2, buffer_size=200, num_real_envs=2, real_steps=8,
+                 imagination_envs=16, imagination_steps=10, iterations=3, num_envs=2, num_steps=32,
+                 total_timesteps=256, study_steps=100, study_updates=5, study_eval_horizon=8, study_eval_windows=16),
     "default": dict(env_id="CheetahVelocity-v5", episode_steps=400, command_resample_steps=200, eval_episodes=32,
-                    eval_every=10,
-                    history_horizon=32, forecast_horizon=8, wm_hidden=256, wm_batch_size=64, pretrain_steps=1000,
-                    pretrain_updates=1500, wm_updates=10, buffer_size=1000, num_real_envs=8, real_steps=25,
-                    imagination_envs=256, imagination_steps=50, iterations=300, num_envs=64, num_steps=32,
-                    total_timesteps=2_000_000, study_steps=1000, study_updates=1500, study_eval_horizon=32,
-                    study_eval_windows=256),
-    "paper": dict(env_id="AntVelocity-v5", episode_steps=1000, command_resample_steps=200, eval_episodes=32, eval_every=50,
-                  history_horizon=32, forecast_horizon=8, wm_hidden=256, wm_batch_size=1024, pretrain_steps=5000,
-                  pretrain_updates=20000, wm_updates=50, buffer_size=1000, num_real_envs=64, real_steps=24,
-                  imagination_envs=4096, imagination_steps=100, iterations=2500, num_envs=4096, num_steps=24,
-                  total_timesteps=200_000_000, study_steps=5000, study_updates=20000, study_eval_horizon=64,
-                  study_eval_windows=1024),
+                    eval_every=10, history_horizon=32, forecast_horizon=8, wm_hidden=256, wm_batch_size=64,
+                    pretrain_steps=1000, pretrain_updates=1500, wm_updates=10, buffer_size=1000, num_real_envs=8,
+                    real_steps=25, imagination_envs=256, imagination_steps=50, iterations=300, num_envs=64,
+                    num_steps=32, total_timesteps=2_000_000, study_steps=1000, study_updates=1500,
+                    study_eval_horizon=32, study_eval_windows=256),
+    "paper": dict(env_id="AntVelocity-v5", episode_steps=1000, command_resample_steps=200, eval_episodes=32,
+                  eval_every=50, history_horizon=32, forecast_horizon=8, wm_hidden=256, wm_batch_size=1024,
+                  pretrain_steps=5000, pretrain_updates=20000, wm_updates=50, buffer_size=1000, num_real_envs=64,
+                  real_steps=24, imagination_envs=4096, imagination_steps=100, iterations=2500, num_envs=4096,
+                  num_steps=24, total_timesteps=200_000_000, study_steps=5000, study_updates=20000,
+                  study_eval_horizon=64, study_eval_windows=1024),
 }
 ARCH_FIELDS = ("env_id", "mode", "wm_hidden", "history_horizon", "num_real_envs", "buffer_size", "num_envs")
 
@@ -711,7 +713,10 @@ class Imagination:
         action = action.clamp(-1, 1)
         mean, log_std, con, term, self.h = self.model(self.obs_rms(self.state.double())[:, None], action[:, None], self.h)
         next_state = self.obs_rms.denormalize((mean + log_std.exp() * torch.randn_like(mean))[:, 0].double())
-        contacts, done = (torch.sigmoid(con[:, 0]) > 0.5).float(), torch.sigmoid(term[:, 0]) > 0.5
+        # the heads are Bernoulli distributions: a contact enters the reward as its probability (the expected
+        # penalty; a threshold at 0.5 lets the policy lean on contacts the model is unsure of), and an episode ends
+        # with the termination head's probability, as the next state is sampled from its Gaussian
+        contacts, done = torch.sigmoid(con[:, 0]), torch.rand_like(term[:, 0]) < torch.sigmoid(term[:, 0])
         reward = self.task.reward(self.state, next_state, action, self.prev_action, contacts, done.float(), self.command)
         final_obs = policy_obs(self.task, self.obs_rms(next_state.double()), self.command)
         self.state, self.prev_action = next_state, action
