@@ -265,6 +265,40 @@ def test_imagination_reward_matches_the_simulator():
         torch.testing.assert_close(reward, sim_reward[t:t + 1], rtol=1e-5, atol=1e-5)
 
 
+class Constant(torch.nn.Module):
+    """A world model that keeps the state and gives every contact and the termination fixed logits."""
+
+    def __init__(self, contact_logit, term_logit):
+        super().__init__()
+        self.gru = torch.nn.GRU(1, 4, 2)
+        self.contact_logit, self.term_logit = contact_logit, term_logit
+
+    def forward(self, obs, action, h=None):
+        n, t = obs.shape[:2]
+        return (obs, torch.full_like(obs, -40.0), torch.full((n, t, TASK.con_dim), self.contact_logit),
+                torch.full((n, t), self.term_logit), torch.zeros(2, n, 4))
+
+
+def test_imagined_contacts_enter_the_reward_as_probabilities_and_terminations_are_sampled():
+    buffer, rms = rwm.ReplayBuffer(TASK, 1, 20), rwm.Normalizer(TASK.obs_dim)
+    for t in range(20):
+        buffer.add(np.array([0]), obs=np.full((1, TASK.obs_dim), 0.1 * t), action=np.zeros((1, TASK.act_dim)),
+                   next_obs=np.full((1, TASK.obs_dim), 0.1 * t + 0.1), next_contacts=np.zeros((1, TASK.con_dim)),
+                   next_term=np.zeros(1))
+    p = 0.3
+    torch.manual_seed(0)
+    for term_prob, term_logit in ((0.0, -50.0), (0.25, math.log(0.25 / 0.75)), (1.0, 50.0)):
+        im = rwm.Imagination(TASK, Constant(math.log(p / (1 - p)), term_logit), rms, buffer, 4000, M,
+                             np.random.default_rng(0), "cpu")
+        state, prev, command = im.state.clone(), im.prev_action.clone(), im.command.clone()
+        action = torch.zeros(4000, TASK.act_dim)
+        reward, done, _, _ = im.step(action)
+        assert done.mean().item() == pytest.approx(term_prob, abs=0.03)  # a Bernoulli draw per agent
+        contacts = torch.full((4000, TASK.con_dim), p)  # the expected contacts, not a threshold (which gives 0)
+        expected = TASK.reward(state, state, action, prev, contacts, done, command)
+        torch.testing.assert_close(reward, expected, rtol=1e-5, atol=1e-5)
+
+
 def run(*flags, check=True, preset=("--preset", "tiny")):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "rwm_mbpo_ppo.py"), *preset, *flags],
