@@ -27,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional
 
+import cv2
 import gymnasium as gym
 import mujoco
 import numpy as np
@@ -1152,6 +1153,49 @@ def policy_learning(args, writer, run_dir, device, rng, ckpt):
           f"  TensorBoard  tensorboard --logdir {shlex.quote(run_dir)}")
 
 
+FORECAST_COLOURS = {"RWM-AR": (200, 90, 30), "RWM-TF": (40, 40, 220), "MLP": (40, 160, 40), "RSSM": (160, 40, 160),
+                    "Transformer": (0, 140, 200)}  # BGR; also the number of test windows drawn
+
+
+def draw_forecasts(path, task, history, real, forecasts, w=300, h=150, m=8):
+    """Fig. 5: real states (black; grey over the M history steps) against each model's H-step forecast from the same
+    history, for a few test windows (rows) and state dimensions (columns: forward velocity, pitch/yaw rate, the first
+    joint's position and velocity). A PNG written with OpenCV."""
+    dims = [(task.lin_vel.start, "v_x"), (task.ang_vel.stop - 1, "angular rate"), (task.joint_pos.start, "joint 1 q"),
+            (task.joint_vel.start, "joint 1 qdot")]
+    rows = []
+    for i in range(real.shape[0]):
+        cells = []
+        for d, label in dims:
+            seq = np.concatenate([history[i, :, d], real[i, :, d]])
+            values = np.concatenate([seq] + [f[i, :, d] for f in forecasts.values()])
+            lo, hi = values.min(), values.max() + 1e-6
+            img = np.full((h, w, 3), 255, np.uint8)
+
+            def pts(y, start):
+                x = m + (start + np.arange(len(y))) * (w - 2 * m) / (len(seq) - 1)
+                return np.stack([x, h - m - (y - lo) / (hi - lo) * (h - 2 * m)], -1).astype(np.int32)
+
+            M = history.shape[1]
+            cv2.line(img, (int(m + (M - 0.5) * (w - 2 * m) / (len(seq) - 1)), m), (int(m + (M - 0.5) * (w - 2 * m) /
+                     (len(seq) - 1)), h - m), (200, 200, 200), 1)
+            cv2.polylines(img, [pts(seq[:M], 0)], False, (150, 150, 150), 1, cv2.LINE_AA)
+            cv2.polylines(img, [pts(seq[M - 1 :], M - 1)], False, (0, 0, 0), 2, cv2.LINE_AA)
+            for name, f in forecasts.items():
+                cv2.polylines(img, [pts(f[i, :, d], M)], False, FORECAST_COLOURS[name], 1, cv2.LINE_AA)
+            if i == 0:
+                cv2.putText(img, label, (m + 2, m + 12), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+            cv2.rectangle(img, (0, 0), (w - 1, h - 1), (0, 0, 0), 1)
+            cells.append(img)
+        rows.append(np.concatenate(cells, 1))
+    legend = np.full((24, rows[0].shape[1], 3), 255, np.uint8)
+    x = 8
+    for name, colour in [("real", (0, 0, 0))] + [(n, FORECAST_COLOURS[n]) for n in forecasts]:
+        cv2.putText(legend, name, (x, 17), cv2.FONT_HERSHEY_SIMPLEX, 0.5, colour, 1, cv2.LINE_AA)
+        x += 16 + 10 * len(name)
+    cv2.imwrite(path, np.concatenate([legend] + rows, 0))
+
+
 def prediction_study(args, writer, run_dir, device, rng):
     """Fig. 6-8: train each model on one dataset, then the relative autoregressive error on held-out windows."""
     M, N, H = args.history_horizon, args.forecast_horizon, args.study_eval_horizon
@@ -1175,7 +1219,7 @@ def prediction_study(args, writer, run_dir, device, rng):
               "MLP": (MLPModel(task, M), N, 1e-3), "RSSM": (RSSMModel(task), 1, 3e-4),
               "Transformer": (TransformerModel(task, M), 1, 3e-4)}
     test = normalized_batch(test_buf, args.study_eval_windows, M + H - 1, data_rms, np.random.default_rng(0), device)
-    results, checkpoints = {}, {}
+    results, checkpoints, shown = {}, {}, {}  # shown: each model's clean forecasts of the first test windows
     for name, (model, n_forecast, lr) in models.items():
         start_stage(name)
         model.to(device)
@@ -1207,6 +1251,8 @@ def prediction_study(args, writer, run_dir, device, rng):
                 forecast = model.forecast(obs, action, H) if hasattr(model, "forecast") else rolling_forecast(model, obs, action, H)
             e = relative_error(forecast, test["next_obs"][:, M - 1 :])
             row[f"sigma_{sigma}"] = dict(per_step=e.tolist(), mean=e.mean().item())
+            if sigma == 0.0:
+                shown[name] = data_rms.denormalize(forecast[: len(FORECAST_COLOURS)].double()).cpu().numpy()
         results[name] = row
         checkpoints[name] = model.state_dict()
     table = ["| model | e (step 1) | e (step N) | e (step H) | mean e | " + " | ".join(f"σ={s}" for s in args.study_noise)
@@ -1223,12 +1269,16 @@ def prediction_study(args, writer, run_dir, device, rng):
                        real_steps=args.study_steps * args.num_real_envs, models=results), f, indent=2)
     with open(os.path.join(run_dir, "prediction_study.md"), "w") as f:
         f.write(header + "\n".join(table) + "\n")
+    real = data_rms.denormalize(test["next_obs"][: len(FORECAST_COLOURS), M - 1 :].double()).cpu().numpy()
+    history = data_rms.denormalize(test["obs"][: len(FORECAST_COLOURS), :M].double()).cpu().numpy()
+    draw_forecasts(os.path.join(run_dir, "forecasts.png"), task, history, real, shown)
     writer.add_text("prediction_study", "\n".join(table))
     save_checkpoint(os.path.join(run_dir, "prediction_study.pt"), args=asdict(args), obs_rms=data_rms.state_dict(),
                     models=checkpoints)
     print(header + "\n".join(table))
     print(f"done in {duration(time.time() - START)}\n  results      {os.path.join(run_dir, 'prediction_study.md')}\n"
           f"               {os.path.join(run_dir, 'prediction_study.json')}\n"
+          f"               {os.path.join(run_dir, 'forecasts.png')}\n"
           f"  TensorBoard  tensorboard --logdir {shlex.quote(run_dir)}")
 
 

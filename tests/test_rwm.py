@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import cv2
 import mujoco
 import numpy as np
 import pytest
@@ -351,6 +352,8 @@ def test_tiny_prediction_study_writes_table(tmp_path):
     assert table.count("\n| RWM-") == 2 and "σ=0.8" in table
     ckpt = torch.load(os.path.join(run_dir, "prediction_study.pt"), map_location="cpu")
     assert set(ckpt["models"]) == set(study["models"]) and "obs_rms" in ckpt
+    picture = cv2.imread(os.path.join(run_dir, "forecasts.png"))  # Fig. 5: 5 windows x 4 state dimensions
+    assert picture.shape == (24 + 5 * 150, 4 * 300, 3) and picture.min() == 0 and picture.max() == 255
 
 
 def test_bad_checkpoint_gives_one_line_error(tmp_path):
