@@ -11,7 +11,8 @@ See ../shared/ALGORITHMS.md §9.
 
     python rwm_mbpo_ppo.py --seed 1                              # MBPO-PPO (Algorithm 1)
     python rwm_mbpo_ppo.py --mode ppo-sim --seed 1               # the same PPO in the simulator
-    python rwm_mbpo_ppo.py --mode prediction-study --seed 1      # Fig. 6-8: RWM-AR/TF, MLP, RSSM, Transformer
+    python rwm_mbpo_ppo.py --mode prediction-study --seed 1      # Fig. 5, 6, 8: RWM-AR/TF, MLP, RSSM, Transformer
+    python rwm_mbpo_ppo.py --mode horizon-study --seed 1         # Fig. 7: RWM's error over M x N
     python rwm_mbpo_ppo.py --preset tiny --forecast-horizon 1    # RWM-TF ablation, smoke size
     python rwm_mbpo_ppo.py --resume runs/RUN                     # continue a stopped run (Ctrl-C saves it)
 """
@@ -57,8 +58,9 @@ class Args:
     preset: Literal["tiny", "default", "paper"] = "default"
     """size preset (each preset's values are listed at the top of --help); flags given on the command line override
     it"""
-    mode: Literal["mbpo-ppo", "ppo-sim", "prediction-study"] = "mbpo-ppo"
-    """Algorithm 1, model-free PPO in the simulator, or the prediction-error study (Fig. 6-8)"""
+    mode: Literal["mbpo-ppo", "ppo-sim", "prediction-study", "horizon-study"] = "mbpo-ppo"
+    """Algorithm 1, model-free PPO in the simulator, the prediction-error study (Fig. 5, 6, 8), or RWM's error over
+    history and forecast horizons (Fig. 7)"""
     runs_dir: str = "runs"
     """outputs go to {runs_dir}/{run_name}/"""
     resume: Optional[str] = None
@@ -153,6 +155,10 @@ class Args:
     """Gaussian noise levels on states and actions (normalised space), Fig. 6"""
     study_policy: Optional[str] = None
     """checkpoint whose policy collects the data (default: the untrained stochastic policy)"""
+    study_history_horizons: tuple[int, ...] = (4, 8, 16, 32)
+    """--mode horizon-study: the history horizons M of the grid (rows)"""
+    study_forecast_horizons: tuple[int, ...] = (1, 2, 4, 8)
+    """--mode horizon-study: the forecast horizons N of the grid (columns; 1 = teacher forcing)"""
 
 
 # Sizes per preset (the algorithmic constants above are those of Tables S6-S10)
@@ -216,19 +222,22 @@ def parse_args():
     if resume:
         with open(os.path.join(resume, "args.json")) as f:
             saved = json.load(f)
-        defaults = dict(saved, resume=resume, study_noise=tuple(saved["study_noise"]))
+        tuples = ("study_noise", "study_history_horizons", "study_forecast_horizons")
+        defaults = dict(saved, resume=resume, **{k: tuple(saved[k]) for k in tuples if k in saved})
     else:
         defaults = dict(PRESETS[preset], preset=preset)
     args = tyro.cli(Args, default=Args(**defaults), description=presets_help(__doc__, PRESETS))
     check_args(args)
     ckpt, path = None, resume and os.path.join(resume, "checkpoint.pt")
-    if resume and args.mode == "prediction-study":
-        raise SystemExit(f"error: --resume {resume}: a prediction study keeps no checkpoint to continue from; run it "
-                         f"again")
+    if resume and args.mode in ("prediction-study", "horizon-study"):
+        raise SystemExit(f"error: --resume {resume}: a {args.mode} keeps no checkpoint to continue from; run it again")
     if resume and os.path.exists(path):
         ckpt = load_checkpoint(path, args)  # flags that change the architecture or the data layout are refused
     if args.study_policy:
-        load_checkpoint(args.study_policy)
+        policy = load_checkpoint(args.study_policy)
+        if policy["args"].get("env_id") != args.env_id or "agent" not in policy:
+            raise SystemExit(f"error: --study-policy {args.study_policy} is not a policy for {args.env_id} (its "
+                             f"env_id is {policy['args'].get('env_id')!r})")
     return args, ckpt
 
 
@@ -250,6 +259,9 @@ def check_args(args):
     for name in ("gamma", "gae_lambda"):
         if not 0 <= getattr(args, name) <= 1:
             raise SystemExit(f"error: {name} ({getattr(args, name)}) must be in [0, 1]")
+    if min(args.study_history_horizons + args.study_forecast_horizons, default=0) < 1:
+        raise SystemExit(f"error: study_history_horizons {args.study_history_horizons} and study_forecast_horizons "
+                         f"{args.study_forecast_horizons} must be at least 1")
     if min(args.study_noise, default=0.0) < 0:
         raise SystemExit(f"error: study_noise ({args.study_noise}) must not be negative")
     mbpo, window = args.mode == "mbpo-ppo", args.history_horizon + args.forecast_horizon - 1  # world-model windows
@@ -1196,24 +1208,61 @@ def draw_forecasts(path, task, history, real, forecasts, w=300, h=150, m=8):
     cv2.imwrite(path, np.concatenate([legend] + rows, 0))
 
 
+def study_data(args, task, device):
+    """The study's datasets: `study_steps` real steps per env for training and a quarter of that (other seeds) for
+    testing, collected by the stochastic policy of --study-policy (default: the untrained one); their normaliser."""
+    agent, obs_rms = Agent(task), Normalizer(task.obs_dim)
+    if args.study_policy:
+        ckpt = load_checkpoint(args.study_policy)  # parse_args checked that it is a policy for this task
+        agent.load_state_dict(ckpt["agent"])
+        obs_rms.load_state_dict(ckpt["obs_rms"])
+    buffers, test_steps = [], max(args.history_horizon + args.study_eval_horizon, args.study_steps // 4)
+    for seed, steps in ((args.seed, args.study_steps), (args.seed + 1000, test_steps)):
+        buffers.append(ReplayBuffer(task, args.num_real_envs, steps))
+        sim = Simulator(args, args.num_real_envs, seed, obs_rms, buffers[-1])
+        rollout(agent, sim, steps, args.gamma, args.gae_lambda)
+    data_rms = Normalizer(task.obs_dim).to(device)
+    data_rms.update(buffers[0].data["obs"])
+    return buffers[0], buffers[1], data_rms
+
+
+def fit_study_model(name, model, M, n_forecast, lr, train_buf, data_rms, args, writer, rng, device):
+    """`study_updates` Adam updates of one model on windows of M + n_forecast - 1 steps; returns the seconds taken."""
+    model.to(device)
+    optimizer, t0 = torch.optim.Adam(model.parameters(), lr=lr), time.time()
+    for update in range(1, args.study_updates + 1):
+        b = normalized_batch(train_buf, args.wm_batch_size, M + n_forecast - 1, data_rms, rng, device)
+        if isinstance(model, RWM):
+            loss = rwm_loss(model, b["obs"], b["action"], b["next_obs"], b["next_contacts"], b["next_term"], M,
+                            n_forecast)
+        else:
+            loss = model.loss(b, n_forecast)
+        optimizer.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        if update % 100 == 0 or update == args.study_updates:
+            check_finite(f"{name} loss", loss.item(), update)
+            writer.add_scalar(f"world_model/{name}_loss", loss.item(), update)
+            left = (args.study_updates - update) * (time.time() - t0) / update
+            print(f"{name}: update {update}/{args.study_updates} loss={loss.item():.4f} ({time.time() - t0:.0f}s, "
+                  f"{time_left(left)})", flush=True)
+    model.eval()
+    return time.time() - t0
+
+
+@torch.no_grad()
+def forecast_from(model, obs, action, H):
+    return model.forecast(obs, action, H) if hasattr(model, "forecast") else rolling_forecast(model, obs, action, H)
+
+
 def prediction_study(args, writer, run_dir, device, rng):
     """Fig. 6-8: train each model on one dataset, then the relative autoregressive error on held-out windows."""
     M, N, H = args.history_horizon, args.forecast_horizon, args.study_eval_horizon
     task = TASKS[args.env_id]
-    agent, obs_rms = Agent(task), Normalizer(task.obs_dim)
-    if args.study_policy:
-        ckpt = load_checkpoint(args.study_policy)
-        agent.load_state_dict(ckpt["agent"])
-        obs_rms.load_state_dict(ckpt["obs_rms"])
     STAGES["names"] = ["simulator data", "RWM-AR", "RWM-TF", "MLP", "RSSM", "Transformer"]
     start_stage("simulator data")
-    buffers = []
-    for seed, steps in ((args.seed, args.study_steps), (args.seed + 1000, max(M + H, args.study_steps // 4))):
-        buffers.append(ReplayBuffer(task, args.num_real_envs, steps))
-        rollout(agent, Simulator(args, args.num_real_envs, seed, obs_rms, buffers[-1]), steps, args.gamma, args.gae_lambda)
-    train_buf, test_buf = buffers
-    data_rms = Normalizer(task.obs_dim).to(device)
-    data_rms.update(train_buf.data["obs"])
+    train_buf, test_buf, data_rms = study_data(args, task, device)
     # name: (model, forecast steps of its training loss (1: teacher forcing at every position), learning rate)
     models = {"RWM-AR": (RWM(task, args.wm_hidden), N, 1e-3), "RWM-TF": (RWM(task, args.wm_hidden), 1, 1e-3),
               "MLP": (MLPModel(task, M), N, 1e-3), "RSSM": (RSSMModel(task), 1, 3e-4),
@@ -1222,33 +1271,13 @@ def prediction_study(args, writer, run_dir, device, rng):
     results, checkpoints, shown = {}, {}, {}  # shown: each model's clean forecasts of the first test windows
     for name, (model, n_forecast, lr) in models.items():
         start_stage(name)
-        model.to(device)
-        optimizer, t0 = torch.optim.Adam(model.parameters(), lr=lr), time.time()
-        for update in range(1, args.study_updates + 1):
-            b = normalized_batch(train_buf, args.wm_batch_size, M + n_forecast - 1, data_rms, rng, device)
-            if isinstance(model, RWM):
-                loss = rwm_loss(model, b["obs"], b["action"], b["next_obs"], b["next_contacts"], b["next_term"], M, n_forecast)
-            else:
-                loss = model.loss(b, n_forecast)
-            optimizer.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            if update % 100 == 0 or update == args.study_updates:
-                check_finite(f"{name} loss", loss.item(), update)
-                writer.add_scalar(f"world_model/{name}_loss", loss.item(), update)
-                left = (args.study_updates - update) * (time.time() - t0) / update
-                print(f"{name}: update {update}/{args.study_updates} loss={loss.item():.4f} ({time.time() - t0:.0f}s, "
-                      f"{time_left(left)})", flush=True)
-        train_time = time.time() - t0
-        model.eval()
+        train_time = fit_study_model(name, model, M, n_forecast, lr, train_buf, data_rms, args, writer, rng, device)
         gen = torch.Generator(device=device).manual_seed(args.seed)
         row = dict(train_time_s=train_time)
         for sigma in (0.0, *args.study_noise):  # noise on the history states and on all actions; clean targets
             obs = test["obs"][:, :M] + sigma * torch.randn(test["obs"][:, :M].shape, generator=gen, device=device)
             action = test["action"] + sigma * torch.randn(test["action"].shape, generator=gen, device=device)
-            with torch.no_grad():
-                forecast = model.forecast(obs, action, H) if hasattr(model, "forecast") else rolling_forecast(model, obs, action, H)
+            forecast = forecast_from(model, obs, action, H)
             e = relative_error(forecast, test["next_obs"][:, M - 1 :])
             row[f"sigma_{sigma}"] = dict(per_step=e.tolist(), mean=e.mean().item())
             if sigma == 0.0:
@@ -1282,6 +1311,69 @@ def prediction_study(args, writer, run_dir, device, rng):
           f"  TensorBoard  tensorboard --logdir {shlex.quote(run_dir)}")
 
 
+def horizon_study(args, writer, run_dir, device, rng):
+    """Fig. 7: RWM trained with each history horizon M and forecast horizon N of the grid on one dataset; the mean
+    relative error of its H-step forecasts on the same held-out windows (each model warms up on the last M steps
+    before the forecast), as a table and a heatmap."""
+    task, H = TASKS[args.env_id], args.study_eval_horizon
+    Ms, Ns = sorted(args.study_history_horizons), sorted(args.study_forecast_horizons)
+    STAGES["names"] = ["simulator data"] + [f"M={M} N={N}" for M in Ms for N in Ns]
+    start_stage("simulator data")
+    train_buf, test_buf, data_rms = study_data(args, task, device)
+    top = Ms[-1]
+    test = normalized_batch(test_buf, args.study_eval_windows, top + H - 1, data_rms, np.random.default_rng(0), device)
+    error = np.zeros((len(Ms), len(Ns)))
+    results = {}
+    for i, M in enumerate(Ms):
+        for j, N in enumerate(Ns):
+            start_stage(f"M={M} N={N}")
+            model = RWM(task, args.wm_hidden)
+            train_time = fit_study_model(f"RWM M={M} N={N}", model, M, N, args.wm_lr, train_buf, data_rms, args,
+                                         writer, rng, device)
+            forecast = forecast_from(model, test["obs"][:, top - M : top], test["action"][:, top - M :], H)
+            e = relative_error(forecast, test["next_obs"][:, top - 1 :])
+            error[i, j] = e.mean().item()
+            results[f"M={M},N={N}"] = dict(history_horizon=M, forecast_horizon=N, per_step=e.tolist(),
+                                           mean=error[i, j], train_time_s=train_time)
+    table = ["| M \\ N | " + " | ".join(str(N) for N in Ns) + " |", "|" + " --- |" * (len(Ns) + 1)]
+    table += [f"| {M} | " + " | ".join(f"{error[i, j]:.3f}" for j in range(len(Ns))) + " |" for i, M in enumerate(Ms)]
+    header = (f"Mean relative autoregressive error of RWM over H={H} forecast steps ({args.study_eval_windows} test "
+              f"windows, {args.study_updates} updates each), by history horizon M (rows) and training forecast "
+              f"horizon N (columns; N = 1 is teacher forcing).\n\n")
+    with open(os.path.join(run_dir, "horizon_study.json"), "w") as f:
+        json.dump(dict(env_id=args.env_id, eval_horizon=H, models=results), f, indent=2)
+    with open(os.path.join(run_dir, "horizon_study.md"), "w") as f:
+        f.write(header + "\n".join(table) + "\n")
+    draw_heatmap(os.path.join(run_dir, "horizon_study.png"), error, Ms, Ns)
+    writer.add_text("horizon_study", "\n".join(table))
+    print(header + "\n".join(table))
+    print(f"done in {duration(time.time() - START)}\n  results      {os.path.join(run_dir, 'horizon_study.md')}\n"
+          f"               {os.path.join(run_dir, 'horizon_study.json')}\n"
+          f"               {os.path.join(run_dir, 'horizon_study.png')}")
+
+
+def draw_heatmap(path, error, Ms, Ns, cell=90, m=50):
+    """Fig. 7's heatmap: one cell per (M, N), darker = lower error, the value written in it."""
+    h, w = m + cell * len(Ms), m + cell * len(Ns)
+    img = np.full((h + 10, w + 10, 3), 255, np.uint8)
+    lo, hi = error.min(), error.max() + 1e-9
+    shade = cv2.applyColorMap(np.uint8(255 * (error - lo) / (hi - lo)), cv2.COLORMAP_VIRIDIS)
+    for i, M in enumerate(Ms):
+        y = m + i * cell
+        cv2.putText(img, f"M={M}", (4, y + cell // 2 + 5), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+        for j, N in enumerate(Ns):
+            x = m + j * cell
+            colour = tuple(int(c) for c in shade[i, j])
+            cv2.rectangle(img, (x, y), (x + cell - 2, y + cell - 2), colour, -1)
+            text = (0, 0, 0) if sum(colour) > 380 else (255, 255, 255)
+            cv2.putText(img, f"{error[i, j]:.3f}", (x + 16, y + cell // 2 + 5), cv2.FONT_HERSHEY_SIMPLEX, 0.5, text, 1,
+                        cv2.LINE_AA)
+    for j, N in enumerate(Ns):
+        cv2.putText(img, f"N={N}", (m + j * cell + cell // 2 - 16, m - 12), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0),
+                    1, cv2.LINE_AA)
+    cv2.imwrite(path, img)
+
+
 def main():
     STOP.update(armed=False, requested=False, run_dir=None, writer=None)
     previous = signal.signal(signal.SIGINT, request_stop)
@@ -1303,7 +1395,7 @@ def main():
         writer = STOP["writer"] = SummaryWriter(run_dir, purge_step=purge_step)
         writer.add_text("hyperparameters",
                         "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-        if args.mode != "prediction-study":  # a prediction study keeps no checkpoint to continue from
+        if args.mode in ("mbpo-ppo", "ppo-sim"):  # a study keeps no checkpoint to continue from
             STOP["run_dir"] = run_dir
 
         random.seed(args.seed)
@@ -1315,6 +1407,8 @@ def main():
 
         if args.mode == "prediction-study":
             prediction_study(args, writer, run_dir, device, rng)
+        elif args.mode == "horizon-study":
+            horizon_study(args, writer, run_dir, device, rng)
         else:
             policy_learning(args, writer, run_dir, device, rng, ckpt)
         writer.close()

@@ -356,6 +356,28 @@ def test_tiny_prediction_study_writes_table(tmp_path):
     assert picture.shape == (24 + 5 * 150, 4 * 300, 3) and picture.min() == 0 and picture.max() == 255
 
 
+def test_tiny_horizon_study_writes_grid(tmp_path):
+    run("--mode", "horizon-study", "--runs-dir", str(tmp_path), "--study-history-horizons", "8", "4",
+        "--study-forecast-horizons", "1", "4")
+    run_dir = only_run(tmp_path)
+    study = json.load(open(os.path.join(run_dir, "horizon_study.json")))
+    assert set(study["models"]) == {"M=4,N=1", "M=4,N=4", "M=8,N=1", "M=8,N=4"}
+    for row in study["models"].values():
+        assert len(row["per_step"]) == 8 and row["mean"] == pytest.approx(np.mean(row["per_step"]))
+    lines = open(os.path.join(run_dir, "horizon_study.md")).read().splitlines()
+    assert lines[-2].startswith("| 4 | ") and lines[-1].startswith("| 8 | ") and lines[-3] == "| --- | --- | --- |"
+    assert cv2.imread(os.path.join(run_dir, "horizon_study.png")).shape == (10 + 50 + 2 * 90, 10 + 50 + 2 * 90, 3)
+
+
+def test_study_policy_of_another_task_is_refused(tmp_path):
+    path = str(tmp_path / "ant.pt")
+    rwm.save_checkpoint(path, args=rwm.asdict(rwm.Args(**rwm.PRESETS["paper"])), agent={})
+    proc = run("--mode", "prediction-study", "--study-policy", path, "--runs-dir", str(tmp_path / "runs"), check=False)
+    assert proc.returncode == 1 and not (tmp_path / "runs").exists()
+    assert proc.stderr == (f"error: --study-policy {path} is not a policy for CheetahVelocity-v5 (its env_id is "
+                           f"'AntVelocity-v5')\n")
+
+
 def test_bad_checkpoint_gives_one_line_error(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
