@@ -109,6 +109,7 @@ def main(a):
     groups = {}
     for run, label in zip(a.runs, a.labels):
         x, err, ret = history(run)
+        x, err, ret = x[x > 0], err[x > 0], ret[x > 0]  # a log axis: PPO's evaluation before any sample is left out
         final = json.load(open(os.path.join(run, "eval.json")))
         g = groups.setdefault(label, dict(x=[], err=[], ret=[], final=[]))
         g["x"].append(x), g["err"].append(err), g["ret"].append(ret), g["final"].append(final)
