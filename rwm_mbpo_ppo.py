@@ -288,7 +288,50 @@ DT = 0.05  # both robots: 5 physics steps of 0.01 s per control step (20 Hz)
 TRACKING_SIGMA2 = 0.25
 
 
-class CheetahVelocityEnv(gym.Env):
+class VelocityTrackingEnv(gym.Env):
+    """What both robots share: a gymnasium MuJoCo env as the robot (its model, data and reset noise; observations
+    and rewards are ours), velocity commands resampled every `command_resample_steps`, contact labels of
+    `contact_ids` (desired first, undesired after), and the step's bookkeeping. A robot adds its state, actions,
+    termination and reward."""
+
+    def __init__(self, robot_id, contact_geoms, episode_steps, command_resample_steps):
+        self.robot = gym.make(robot_id).unwrapped
+        self.contact_ids = np.array([self.robot.model.geom(n).id for n in contact_geoms])
+        self.episode_steps, self.resample_steps = episode_steps, command_resample_steps
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (self.obs_dim + self.cmd_dim,), np.float64)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (self.act_dim,), np.float32)
+
+    def _contacts(self):
+        d = self.robot.data
+        g1, g2 = d.contact.geom1[: d.ncon], d.contact.geom2[: d.ncon]
+        return np.isin(self.contact_ids, np.concatenate([g2[g1 == 0], g1[g2 == 0]])).astype(np.float64)  # geom 0: floor
+
+    def _reset_robot(self, seed):
+        self.robot.reset(seed=seed)
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self._reset_robot(seed)
+        self.command = self.np_random.uniform(self.command_low, self.command_high)
+        self.t, self.prev_action, self.state = 0, np.zeros(self.act_dim), self._state()
+        return np.concatenate([self.state, self.command]), {}
+
+    def step(self, action):
+        action = np.clip(action, -1.0, 1.0)
+        self._simulate(action)
+        next_state, contacts = self._state(), self._contacts()
+        terminated = self._terminated(next_state)
+        reward = float(self.reward(self.state, next_state, action, self.prev_action, contacts, terminated, self.command))
+        info = dict(contacts=contacts, tracking_error=float(self.tracking_error(next_state, self.command)))
+        self.t += 1
+        truncated = self.t >= self.episode_steps
+        if self.t % self.resample_steps == 0:
+            self.command = self.np_random.uniform(self.command_low, self.command_high)
+        self.state, self.prev_action = next_state, action
+        return np.concatenate([next_state, self.command]), reward, terminated, truncated, info
+
+
+class CheetahVelocityEnv(VelocityTrackingEnv):
     """HalfCheetah-v5's planar robot and physics; the command is a forward velocity in [0, 2] m/s.
 
     State (23): v_x, v_z | pitch rate | g_x, g_z | 6 joint positions | 6 joint velocities | 6 joint torques.
@@ -307,13 +350,8 @@ class CheetahVelocityEnv(gym.Env):
                           action_rate=-0.01, undesired_contacts=-1.0, termination=-20.0)
 
     def __init__(self, episode_steps, command_resample_steps):
-        self.robot = gym.make("HalfCheetah-v5").unwrapped  # MuJoCo model/data and reset noise; obs and reward are ours
-        model = self.robot.model
-        self.contact_ids = np.array([model.geom(n).id for n in ("bfoot", "ffoot", "torso", "head")])
-        self.torso = model.body("torso").id
-        self.episode_steps, self.resample_steps = episode_steps, command_resample_steps
-        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (self.obs_dim + self.cmd_dim,), np.float64)
-        self.action_space = gym.spaces.Box(-1.0, 1.0, (self.act_dim,), np.float32)
+        super().__init__("HalfCheetah-v5", ("bfoot", "ffoot", "torso", "head"), episode_steps, command_resample_steps)
+        self.torso = self.robot.model.body("torso").id
 
     @classmethod
     def reward(cls, obs, next_obs, action, prev_action, next_contacts, terminated, command):
@@ -345,31 +383,11 @@ class CheetahVelocityEnv(gym.Env):
         return np.concatenate([lin_vel[[0, 2]], d.qvel[2:3], gravity[[0, 2]], d.qpos[3:9], d.qvel[3:9],
                                d.qfrc_actuator[3:9]])
 
-    def _contacts(self):
-        d = self.robot.data
-        g1, g2 = d.contact.geom1[: d.ncon], d.contact.geom2[: d.ncon]
-        return np.isin(self.contact_ids, np.concatenate([g2[g1 == 0], g1[g2 == 0]])).astype(np.float64)  # geom 0: floor
-
-    def reset(self, seed=None, options=None):
-        super().reset(seed=seed)
-        self.robot.reset(seed=seed)  # HalfCheetah-v5's reset noise
-        self.command = self.np_random.uniform(self.command_low, self.command_high)
-        self.t, self.prev_action, self.state = 0, np.zeros(self.act_dim), self._state()
-        return np.concatenate([self.state, self.command]), {}
-
-    def step(self, action):
-        action = np.clip(action, -1.0, 1.0)
+    def _simulate(self, action):
         self.robot.do_simulation(action, self.robot.frame_skip)
-        next_state, contacts = self._state(), self._contacts()
-        terminated = bool(abs(self.robot.data.qpos[2]) > self.MAX_PITCH)
-        reward = float(self.reward(self.state, next_state, action, self.prev_action, contacts, terminated, self.command))
-        info = dict(contacts=contacts, tracking_error=float(self.tracking_error(next_state, self.command)))
-        self.t += 1
-        truncated = self.t >= self.episode_steps
-        if self.t % self.resample_steps == 0:
-            self.command = self.np_random.uniform(self.command_low, self.command_high)
-        self.state, self.prev_action = next_state, action
-        return np.concatenate([next_state, self.command]), reward, terminated, truncated, info
+
+    def _terminated(self, state):
+        return bool(abs(self.robot.data.qpos[2]) > self.MAX_PITCH)
 
 
 # The Ant (the `paper` preset's robot, closest to ANYmal D): actions are joint-position targets around a standing
@@ -382,7 +400,7 @@ FOOT_GEOMS = ("left_ankle_geom", "right_ankle_geom", "third_ankle_geom", "fourth
 KNEE_GEOMS = ("left_leg_geom", "right_leg_geom", "back_leg_geom", "rightback_leg_geom")  # Table S2: undesired
 
 
-class AntVelocityEnv(gym.Env):
+class AntVelocityEnv(VelocityTrackingEnv):
     """Ant-v5's robot and physics; the command is (v_x, v_y, ω_z), each in [-1, 1] (m/s, rad/s).
 
     State (33): v (3) | ω (3) | g (3) | 8 joint positions | 8 joint velocities | 8 joint torques. Contacts: the four
@@ -398,16 +416,11 @@ class AntVelocityEnv(gym.Env):
                           termination=-400.0)  # not in Table S5: without it the Ant learns to flip to end the penalties
 
     def __init__(self, episode_steps, command_resample_steps):
-        self.ant = gym.make("Ant-v5").unwrapped  # MuJoCo model/data and reset noise; obs and reward are ours
-        model = self.ant.model
-        self.foot_ids = np.array([model.geom(n).id for n in FOOT_GEOMS])
-        self.knee_ids = np.array([model.geom(n).id for n in KNEE_GEOMS])
+        super().__init__("Ant-v5", FOOT_GEOMS + KNEE_GEOMS, episode_steps, command_resample_steps)
+        model = self.robot.model
         self.gear = model.actuator_gear[:, 0].copy()
         # the joint each actuator drives, as an index into q[7:15] (dofs 0-5 are the free joint; actuators start at hip_4)
         self.actuated_joint = model.jnt_dofadr[model.actuator_trnid[:, 0]] - 6
-        self.episode_steps, self.resample_steps = episode_steps, command_resample_steps
-        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (self.obs_dim + self.cmd_dim,), np.float64)
-        self.action_space = gym.spaces.Box(-1.0, 1.0, (self.act_dim,), np.float32)
 
     @classmethod
     def reward(cls, obs, next_obs, action, prev_action, next_contacts, terminated, command):
@@ -436,7 +449,7 @@ class AntVelocityEnv(gym.Env):
         return ((command - actual) ** 2).sum(-1) ** 0.5
 
     def _state(self):
-        d = self.ant.data
+        d = self.robot.data
         rot = np.empty(9)
         mujoco.mju_quat2Mat(rot, d.qpos[3:7])
         rot = rot.reshape(3, 3)  # body -> world
@@ -444,39 +457,19 @@ class AntVelocityEnv(gym.Env):
         gravity = rot.T @ np.array([0.0, 0.0, -1.0])
         return np.concatenate([lin_vel, d.qvel[3:6], gravity, d.qpos[7:15], d.qvel[6:14], d.qfrc_actuator[6:14]])
 
-    def _contacts(self):
-        d, c = self.ant.data, np.zeros(self.con_dim)
-        g1, g2 = d.contact.geom1[: d.ncon], d.contact.geom2[: d.ncon]
-        other = np.concatenate([g2[g1 == 0], g1[g2 == 0]])  # geoms touching the floor (geom 0)
-        c[:4] = np.isin(self.foot_ids, other)
-        c[4:] = np.isin(self.knee_ids, other)
-        return c
+    def _reset_robot(self, seed):
+        self.robot.reset(seed=seed)  # Ant-v5's reset noise, then the joints to the standing pose (plus that noise)
+        self.robot.data.qpos[7:15] += DEFAULT_JOINT_POS
+        mujoco.mj_forward(self.robot.model, self.robot.data)
 
-    def reset(self, seed=None, options=None):
-        super().reset(seed=seed)
-        self.ant.reset(seed=seed)  # Ant-v5's reset noise, then the joints to the standing pose (plus that noise)
-        self.ant.data.qpos[7:15] += DEFAULT_JOINT_POS
-        mujoco.mj_forward(self.ant.model, self.ant.data)
-        self.command = self.np_random.uniform(self.command_low, self.command_high)
-        self.t, self.prev_action, self.state = 0, np.zeros(self.act_dim), self._state()
-        return np.concatenate([self.state, self.command]), {}
-
-    def step(self, action):
-        action = np.clip(action, -1.0, 1.0)
-        target, d = DEFAULT_JOINT_POS + ACTION_SCALE * action, self.ant.data
-        for _ in range(self.ant.frame_skip):  # PD at the physics rate (100 Hz), torques within the motors' range
+    def _simulate(self, action):
+        target, d = DEFAULT_JOINT_POS + ACTION_SCALE * action, self.robot.data
+        for _ in range(self.robot.frame_skip):  # PD at the physics rate (100 Hz), torques within the motors' range
             torque = KP * (target - d.qpos[7:15]) - KD * d.qvel[6:14]
-            self.ant.do_simulation(np.clip(torque[self.actuated_joint] / self.gear, -1.0, 1.0), 1)
-        next_state, contacts = self._state(), self._contacts()
-        terminated = bool(next_state[8] > 0.0 or self.ant.data.qpos[2] < 0.2)  # flipped over or fallen
-        reward = float(self.reward(self.state, next_state, action, self.prev_action, contacts, terminated, self.command))
-        info = dict(contacts=contacts, tracking_error=float(self.tracking_error(next_state, self.command)))
-        self.t += 1
-        truncated = self.t >= self.episode_steps
-        if self.t % self.resample_steps == 0:
-            self.command = self.np_random.uniform(self.command_low, self.command_high)
-        self.state, self.prev_action = next_state, action
-        return np.concatenate([next_state, self.command]), reward, terminated, truncated, info
+            self.robot.do_simulation(np.clip(torque[self.actuated_joint] / self.gear, -1.0, 1.0), 1)
+
+    def _terminated(self, state):
+        return bool(state[8] > 0.0 or self.robot.data.qpos[2] < 0.2)  # flipped over or fallen
 
 
 TASKS = {"CheetahVelocity-v5": CheetahVelocityEnv, "AntVelocity-v5": AntVelocityEnv}

@@ -170,7 +170,7 @@ def test_actions_are_joint_position_targets():
     obs, _ = env.reset(seed=0)
     for _ in range(40):  # zero action: the PD loop holds the standing pose, on the ground, with small torques
         obs, _, terminated, _, _ = env.step(np.zeros(ANT.act_dim))
-    assert not terminated and 0.3 < env.ant.data.qpos[2] < 0.7
+    assert not terminated and 0.3 < env.robot.data.qpos[2] < 0.7
     np.testing.assert_allclose(obs[ANT.joint_pos], rwm.DEFAULT_JOINT_POS, atol=0.05)
     assert np.abs(obs[ANT.torque]).max() < 5.0
     # each action moves its own joint (the Ant's actuators are listed in another order than its joints)
