@@ -567,8 +567,8 @@ class Simulator:
 
     def step(self, action):
         """Returns the reward, whether the step ended an episode, whether it ended by the time limit only (a
-        time-out, whose value is bootstrapped) and the policy's observation of the state it reached (before any
-        reset)."""
+        time-out, whose value is bootstrapped) and the policy's observation of the states reached (before any
+        reset; None when no episode timed out)."""
         action, d = action.clamp(-1, 1).cpu().numpy(), self.task.obs_dim
         out = [env.step(a) for env, a in zip(self.envs, action)]
         next_obs = np.stack([o[0] for o in out])
@@ -579,7 +579,7 @@ class Simulator:
                             next_contacts=contacts, next_term=term.astype(np.float32))
         if self.update_rms:
             self.obs_rms.update(next_obs[:, :d])
-        final_obs = self.policy_obs(next_obs)
+        final_obs = self.policy_obs(next_obs) if trunc.any() else None  # the time-outs' states, before their reset
         self.ep_return += reward
         self.ep_len += 1
         self.ep_error += np.array([o[4]["tracking_error"] for o in out])
@@ -724,11 +724,10 @@ class Imagination:
         # with the termination head's probability, as the next state is sampled from its Gaussian
         contacts, done = torch.sigmoid(con[:, 0]), torch.rand_like(term[:, 0]) < torch.sigmoid(term[:, 0])
         reward = self.task.reward(self.state, next_state, action, self.prev_action, contacts, done.float(), self.command)
-        final_obs = policy_obs(self.task, self.obs_rms(next_state.double()), self.command)
         self.state, self.prev_action = next_state, action
         if done.any():
             self.reset(done.nonzero().squeeze(-1))
-        return reward, done.float(), torch.zeros_like(reward), final_obs  # no time limit in imagination
+        return reward, done.float(), torch.zeros_like(reward), None  # no time limit in imagination: nothing to bootstrap
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -11,12 +11,14 @@ import dataclasses
 import json
 import os
 
+import sys
+
 import cv2
 import numpy as np
 import tyro
 
-COLOURS = {"RWM-AR": (200, 90, 30), "RWM-TF": (40, 40, 220), "MLP": (40, 160, 40), "RSSM": (160, 40, 160),
-           "Transformer": (0, 140, 200)}  # BGR, as forecasts.png
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from rwm_mbpo_ppo import FORECAST_COLOURS as COLOURS  # noqa: E402  (the models' colours of forecasts.png)
 
 
 @dataclasses.dataclass
