@@ -905,12 +905,6 @@ def goal_rewards(model, data, goal, episodes, device):
     return model.reward(e_t, e_s, model.embed(goal[None]).expand_as(e_t)).cpu().numpy(), data["state"][idx]
 
 
-def true_coverage(states):
-    """gym-pusht's coverage of the T's target for each simulator state."""
-    env = envs.PushTEnv()
-    return np.array([env.reset(options={"state": s})[1]["coverage"] for s in states])
-
-
 def task_reward_correlation(model, data, goal, episodes, device, env_id):
     """Pearson correlation of r(s_t | s_0, goal image) with the simulator's task reward (Push-T: coverage / 0.95,
     reach: -distance / 100) over the given episodes."""
@@ -1579,7 +1573,7 @@ def dmo_sapo(args, data, denoiser, reward_model, goal_e, rssm, rssm_opt, device,
         actor_opt.step()
         check_finite("actor loss", actor_loss.item(), epoch, path)
 
-        # eq. (2)-(3): critic on TD(lambda) targets, 8 mini-epochs of minibatches
+        # eq. (2)-(3): critic on TD(lambda) targets, critic_epochs mini-epochs of minibatches
         feats = traj["feats"]  # (H, B, F)
         with torch.no_grad():
             next_values = critic.value(torch.cat([feats[1:], traj["last_feat"][None]]))

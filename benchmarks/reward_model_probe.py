@@ -48,10 +48,16 @@ def load(run, goal_tool_xy):
     return args, saved, model, goal
 
 
+def true_coverage(states):
+    """gym-pusht's coverage of the T's target for each simulator state."""
+    env = envs.PushTEnv()
+    return np.array([env.reset(options={"state": s})[1]["coverage"] for s in states])
+
+
 def on_held_out_play(args, model, goal, goal_tool_xy):
     data = dmo.load_play_data(args, torch.device("cpu"))
     r, state = dmo.goal_rewards(model, data, goal, dmo.held_out_episodes(data), torch.device("cpu"))
-    coverage = dmo.true_coverage(state)
+    coverage = true_coverage(state)
     t_close = -np.linalg.norm(state[:, 2:4] - envs.PushTEnv.goal_pose[:2], axis=1)
     tool_close = -np.linalg.norm(state[:, :2] - np.array(goal_tool_xy), axis=1)
     corr = lambda x: float(np.corrcoef(r, x)[0, 1])
