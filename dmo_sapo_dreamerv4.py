@@ -497,6 +497,8 @@ class Dynamics(nn.Module):
         past = cache.frames if cache is not None else 0  # cached frames this pass attends to
         start = cache.length if cache is not None else 0  # the absolute position of this pass' first frame
         pos = torch.arange(start, start + T, device=x.device)
+        if cache is not None:
+            cache.reserve(T, (B * N, self.space[0].heads, D // self.space[0].heads), x)
         causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         if window is not None:
             causal = causal.triu(-window)
@@ -506,51 +508,69 @@ class Dynamics(nn.Module):
             q, k, v = time_attn.project(h)
             q, k = rope(q, pos), rope(k, pos)
             mask = causal
-            if past > 0:
-                k_past, v_past = cache.get(i)
-                k, v = torch.cat([k_past, k], 2), torch.cat([v_past, v], 2)
+            if cache is not None:  # the cached frames' keys and values, then this pass' (views: no copy of the past)
+                k, v = cache.extend(i, k, v)
                 mask = torch.cat([torch.ones(T, past, dtype=torch.bool, device=x.device), causal], 1)
-            if cache is not None and write:
-                cache.put(i, k[:, :, -T:], v[:, :, -T:])
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)
             x = x + time_attn.out(out).reshape(B, N, T, D).transpose(1, 2)
             x = x + mlp(x)
         if cache is not None and write:
-            cache.advance(T)
+            cache.commit(T)
         latents = x[:, :, 2:2 + self.latents]
         logits = self.reward_head(x[:, :, 2 + self.latents:].flatten(2))
         return self.latent_out(latents), logits
 
 
 class KVCache:
-    """Keys and values of the time attention of the frames generated (or observed) so far, per layer, for B rollouts:
-    (B * N, heads, T, hd). Beyond `max_frames` the oldest frames are dropped (a sliding window; rotary positions are
-    relative, so the kept keys stay valid)."""
+    """Keys and values of the time attention of the frames generated (or observed) so far, per layer, for B rollouts,
+    in buffers (B * N, heads, capacity, hd) whose frames start .. start + frames - 1 are the valid ones. A pass
+    writes its frames' keys and values right after them and attends to the whole stretch as one view (the past is
+    not copied); `commit` keeps them (a writing pass), otherwise the next pass overwrites them. Beyond `max_frames`
+    the oldest frames are dropped (a sliding window; rotary positions are relative, so the kept keys stay valid);
+    the valid stretch moves back to the front of the buffer only when it reaches the end, about once every
+    max_frames frames."""
 
     def __init__(self, layers, max_frames):
         self.k, self.v = [None] * layers, [None] * layers
-        self.max_frames, self.length = max_frames, 0
+        self.max_frames, self.start, self.frames, self.length = max_frames, 0, 0, 0  # length: absolute position
 
-    def get(self, i):
-        return self.k[i], self.v[i]
+    def reserve(self, T, shape, like):
+        """Room for T more frames after the valid ones in every layer's buffers; shape = (B * N, heads, hd)."""
+        end = self.start + self.frames
+        if self.k[0] is not None and end + T <= self.k[0].shape[2]:
+            return
+        capacity = max(2 * self.max_frames, self.frames + T)
+        for bufs in (self.k, self.v):
+            for i, old in enumerate(bufs):
+                bufs[i] = like.new_zeros(shape[0], shape[1], capacity, shape[2])
+                if old is not None:
+                    bufs[i][:, :, :self.frames] = old[:, :, self.start:end]
+        self.start = 0
 
-    def put(self, i, k, v):
-        self.k[i] = (k if self.k[i] is None else torch.cat([self.k[i], k], 2))[:, :, -self.max_frames:]
-        self.v[i] = (v if self.v[i] is None else torch.cat([self.v[i], v], 2))[:, :, -self.max_frames:]
+    def extend(self, i, k, v):
+        """Layer i's valid keys and values followed by k, v (B * N, heads, T, hd) of this pass' frames."""
+        end, T = self.start + self.frames, k.shape[2]
+        self.k[i][:, :, end:end + T], self.v[i][:, :, end:end + T] = k, v
+        return self.k[i][:, :, self.start:end + T], self.v[i][:, :, self.start:end + T]
 
-    def advance(self, frames):
-        self.length += frames  # positions keep counting: rotary attention sees relative offsets only
+    def commit(self, T):
+        """Keep the T frames of the last pass; beyond max_frames forget the oldest."""
+        self.frames, self.length = self.frames + T, self.length + T
+        if self.frames > self.max_frames:
+            self.start, self.frames = self.start + self.frames - self.max_frames, self.max_frames
 
-    @property
-    def frames(self):
-        return 0 if self.k[0] is None else self.k[0].shape[2]
+    def past(self, i):
+        """Layer i's valid keys and values (views)."""
+        return self.k[i][:, :, self.start:self.start + self.frames], self.v[i][:, :, self.start:self.start + self.frames]
 
     def repeat(self, n, slots):
         """A copy in which each of the B rollouts is repeated n times (rollout b -> b n, ..., b n + n - 1), for n
         candidate futures of the same past; `slots` is the number of tokens per frame."""
         out = KVCache(len(self.k), self.max_frames)
         grow = lambda t: t.unflatten(0, (-1, slots)).repeat_interleave(n, 0).flatten(0, 1)
-        out.k, out.v, out.length = [grow(k) for k in self.k], [grow(v) for v in self.v], self.length
+        pasts = [self.past(i) for i in range(len(self.k))]
+        out.k, out.v = [grow(k) for k, _ in pasts], [grow(v) for _, v in pasts]
+        out.frames, out.length = self.frames, self.length
         return out
 
 

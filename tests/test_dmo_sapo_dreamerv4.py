@@ -183,7 +183,9 @@ def _select(cache, b, n, slots):
     """The cache of rollout b alone, repeated n times."""
     out = dv4.KVCache(len(cache.k), cache.max_frames)
     pick = lambda t: t.unflatten(0, (-1, slots))[b:b + 1].repeat_interleave(n, 0).flatten(0, 1)
-    out.k, out.v, out.length = [pick(k) for k in cache.k], [pick(v) for v in cache.v], cache.length
+    pasts = [cache.past(i) for i in range(len(cache.k))]
+    out.k, out.v = [pick(k) for k, _ in pasts], [pick(v) for _, v in pasts]
+    out.frames, out.length = cache.frames, cache.length
     return out
 
 
