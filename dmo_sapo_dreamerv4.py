@@ -586,18 +586,19 @@ def sample_shortcut(shape, max_shortcut, generator=None, device="cpu"):
 def shortcut_targets(dyn, z_noisy, tau, d, actions):
     """The bootstrap target of shortcut forcing for frames with d > 1/K_max (ALGORITHMS.md §5): two half steps of the
     model, b' = (f(z~, tau, d/2) - z~) / (1 - tau), z' = z~ + b' d/2, b'' = (f(z', tau + d/2, d/2) - z') /
-    (1 - tau - d/2); target velocity (b' + b'') / 2, without gradient. Every frame of the sequence takes its half steps
-    together (the context a frame sees moves with it)."""
+    (1 - tau - d/2); target velocity (b' + b'') / 2, without gradient. The frames of a sequence take their half steps
+    together (the context a frame sees moves with it); frames at the smallest step size, which regress on z1 instead,
+    stay where they are in both passes (a half of 1/K_max is no step size the model knows)."""
     K = getattr(dyn, "module", dyn).max_shortcut  # through a DistributedDataParallel wrapper too
     with torch.no_grad():
-        half = d / 2
+        half = torch.where(d > 1 / K + 1e-9, d / 2, torch.zeros_like(d))  # 0: this frame does not move
+        d_pass = torch.where(half > 0, half, d)
         e = lambda x: x[..., None, None]
-        f1, _ = dyn(z_noisy, tau, torch.clamp(half, min=1 / K), actions)
+        f1, _ = dyn(z_noisy, tau, d_pass, actions)
         b1 = (f1 - z_noisy) / e(1 - tau)
         z_mid = z_noisy + b1 * e(half)
-        tau_mid = torch.clamp(tau + half, max=1 - 1 / K)
-        f2, _ = dyn(z_mid, tau_mid, torch.clamp(half, min=1 / K), actions)
-        b2 = (f2 - z_mid) / e(1 - tau - half).clamp(min=1e-6)
+        f2, _ = dyn(z_mid, tau + half, d_pass, actions)
+        b2 = (f2 - z_mid) / e(1 - tau - half)
         return (b1 + b2) / 2
 
 

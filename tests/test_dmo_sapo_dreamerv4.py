@@ -79,6 +79,25 @@ def test_shortcut_target_matches_a_hand_computation():
     assert target.item() == pytest.approx((b1 + b2) / 2, rel=1e-6)
 
 
+def test_frames_at_the_smallest_step_stay_put_while_the_others_take_half_steps():
+    seen = []
+
+    class Recorder(LinearPredictor):
+        def forward(self, z, tau, d, actions):
+            seen.append((z.clone(), tau.clone(), d.clone()))
+            return super().forward(z, tau, d, actions)
+
+    z = torch.randn(1, 2, 1, 1)
+    tau, d = torch.tensor([[0.5, 0.25]]), torch.tensor([[0.125, 0.5]])  # frame 0 at 1/K_max, frame 1 at 1/2
+    dv4.shortcut_targets(Recorder(), z, tau, d, torch.zeros(1, 2, 3))
+    (z1, tau1, d1), (z2, tau2, d2) = seen
+    torch.testing.assert_close(d1, torch.tensor([[0.125, 0.25]]))  # half steps for the frame that takes them
+    torch.testing.assert_close(d2, d1)
+    torch.testing.assert_close(tau2, torch.tensor([[0.5, 0.5]]))  # the context frame's tau unchanged
+    torch.testing.assert_close(z2[:, 0], z1[:, 0])  # and its latents
+    assert not torch.allclose(z2[:, 1], z1[:, 1])
+
+
 def test_smallest_step_size_reduces_to_flow_matching(monkeypatch):
     dyn = small_dynamics()
     monkeypatch.setattr(dv4, "shortcut_targets", lambda *a: pytest.fail("no bootstrap at d = 1 / K_max"))
