@@ -120,9 +120,8 @@ class Args:
     reward_max_segment: int = 64
     """longest play segment (frames) whose first/last frames serve as s_start/s_goal in training"""
     reward_goal_videos: int = 150
-    """videos that end at the goal (envs.pusht_goal_videos: reach and Push-T, 64 frames of play from the goal,
-    reversed; the puck, scripted pushes from random starts to success), whose segments r learns to rank so that
-    "closer to the goal image" means the object's pose; 0: play only"""
+    """64-frame videos that end with the T on its target (envs.pusht_goal_videos: play from the goal, reversed),
+    whose segments r learns to rank so that "closer to the goal image" means the T's pose; 0: play only"""
     reward_video_fraction: float = 1.0
     """share of each batch's ranking pairs drawn from the goal videos, the rest from play segments. Play's own
     clock disagrees with the goal's (play drifts the T away from the centre), and the goal image does not

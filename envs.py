@@ -368,71 +368,30 @@ def pusht_play_policy(env: PushTEnv, rng: np.random.Generator):
 PLAY_POLICIES = {"PushT-v0": pusht_play_policy, "PushTReach-v0": reach_play_policy, "PushTPuck-v0": pusht_play_policy}
 
 
-def puck_pusher(env: PushTPuckEnv, rng: np.random.Generator, noise: float = 0.15):
-    """A scripted demonstrator for the puck rung (privileged: reads the simulator's state): the tool goes around the
-    puck to the point behind it on the line from the target (a waypoint to the side when it starts on the target's
-    side), then pushes it along that line onto the target. Ornstein-Uhlenbeck noise of scale `noise` makes every
-    video different."""
-    behind = env.puck_radius + 15.0 + 6.0  # centre distance of the tool behind the puck: radii + a margin
-    ou = np.zeros(2)
-
-    def act(obs, info):
-        nonlocal ou
-        tool, puck = info["state"][:2].astype(np.float64), info["state"][2:4].astype(np.float64)
-        to_target = env.target - puck
-        u = to_target / max(np.linalg.norm(to_target), 1e-6)  # the push direction
-        spot = puck - behind * u
-        rel, perp = tool - puck, np.array([-u[1], u[0]])
-        along, lateral = rel @ u, rel @ perp  # along > 0: the tool is on the target's side of the puck
-        if np.linalg.norm(tool - spot) < 12.0:  # aligned behind the puck: push it along the line
-            goal = spot + min(np.linalg.norm(to_target), 60.0) * u
-        elif along <= -behind + 10.0:  # behind it: to the spot
-            goal = spot
-        elif abs(lateral) < behind + 5.0:  # beside or in front of it: step sideways, clear of it
-            goal = puck + along * u + (np.sign(lateral) or 1.0) * (behind + 20.0) * perp
-        else:  # clear to the side: down to the level of the spot
-            goal = puck + np.sign(lateral) * (behind + 20.0) * perp - behind * u
-        ou = 0.7 * ou + noise * rng.normal(size=2)
-        return np.clip((goal - tool) / (env.max_speed / CONTROL_HZ) + ou, -1, 1).astype(np.float32)
-
-    return act
-
-
 def pusht_goal_videos(episodes: int, length: int = 64, seed: int = 0, obs_size: int = 64,
                       env_id: str = "PushT-v0") -> dict:
     """Videos that end at the goal, for the reward model (ALGORITHMS.md §4 trains it on play "and optional
-    demonstration video"). Reach and Push-T: each episode starts at the goal (`goal_start_state`), play moves away
-    from it, and the frames are stored backward in time (with a real robot: put the T on its target, play, record,
-    reverse); actions are zero (a reversed push is no transition of the physics). The puck: reversed, the tool
-    would pull the puck from the target's side, the opposite of a push, and r ranked the tool's approach wrongly
-    (its gate cosine +0.16: results/dmo_sapo_diamond.md), so its videos are scripted demonstrations stored forward
-    (`puck_pusher`: approach, go behind, push; random starts, ending at success or after `length` frames), actions
-    kept. These files train the reward model only."""
+    demonstration video"). Nothing here solves the task: each episode starts at the goal (`goal_start_state`),
+    play moves away from it, and the frames are stored backward in time. With a real robot: put the T on its
+    target, play, record, reverse. Actions are zero (a reversed push is no transition of the physics), so these
+    files train the reward model only."""
     env = gym.make(env_id, obs_size=obs_size).unwrapped
     rng = np.random.default_rng(seed)
-    forward = env_id == "PushTPuck-v0"
-    obs_eps, state_eps, action_eps = [], [], []
+    obs_eps, state_eps = [], []
     for _ in range(episodes):
-        start = env._initial_state(rng) if forward else goal_start_state(env_id, rng)
-        obs, info = env.reset(options={"state": start})
-        policy = (puck_pusher if forward else PLAY_POLICIES[env_id])(env, rng)
-        frames, states, actions = [obs], [info["state"]], []
-        while len(frames) < length and not (forward and info["is_success"]):
-            actions.append(policy(obs, info))
-            obs, _, _, _, info = env.step(actions[-1])
+        obs, info = env.reset(options={"state": goal_start_state(env_id, rng)})
+        policy = PLAY_POLICIES[env_id](env, rng)
+        frames, states = [obs], [info["state"]]
+        while len(frames) < length:
+            obs, _, _, _, info = env.step(policy(obs, info))
             frames.append(obs)
             states.append(info["state"])
-        if forward:  # the action taken at each frame; none after the last
-            action_eps.append(np.stack(actions + [np.zeros(2, np.float32)]))
-        else:
-            frames, states = frames[::-1], states[::-1]
-            action_eps.append(np.zeros((len(frames), 2), np.float32))
-        obs_eps.append(np.stack(frames))
-        state_eps.append(np.stack(states))
-    lengths = [len(f) for f in obs_eps]
+        obs_eps.append(np.stack(frames[::-1]))
+        state_eps.append(np.stack(states[::-1]))
+    n = episodes * length
     return {
-        "obs": np.concatenate(obs_eps), "action": np.concatenate(action_eps),
-        "is_first": np.concatenate([np.arange(n) == 0 for n in lengths]), "is_demo": np.ones(sum(lengths), bool),
+        "obs": np.concatenate(obs_eps), "action": np.zeros((n, 2), np.float32),
+        "is_first": np.arange(n) % length == 0, "is_demo": np.ones(n, bool),
         "state": np.concatenate(state_eps).astype(np.float32),
         "env_id": np.array(env_id), "control_hz": np.array(CONTROL_HZ), "format_version": np.array(FORMAT_VERSION),
     }

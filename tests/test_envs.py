@@ -348,27 +348,6 @@ def test_collectors_write_valid_data():
         envs.collect("PushT-v0", 10, demo_fraction=0.5)
 
 
-def test_puck_goal_videos_are_forward_pushes_that_end_at_success():
-    videos = envs.pusht_goal_videos(6, length=64, seed=0, obs_size=32, env_id="PushTPuck-v0")
-    envs.validate_dataset(videos)
-    starts = np.flatnonzero(videos["is_first"])
-    ends = np.append(starts[1:], len(videos["obs"])) - 1
-    assert len(starts) == 6 and len(set(ends - starts)) > 1, "each video ends when its push succeeds"
-    env = envs.PushTPuckEnv(obs_size=32)
-    done = [env.reset(options={"state": videos["state"][e]})[1]["is_success"] for e in ends]
-    assert sum(done) >= 5  # the scripted pusher succeeds (99 of 100 measured)
-    for s, e in zip(starts, ends):  # stored forward: the puck comes closer to the target, the actions are the pushes
-        puck = videos["state"][s:e + 1, 2:4]
-        far, near = np.linalg.norm(puck[[0, -1]] - env.target, axis=1)
-        assert near < far
-        assert np.abs(videos["action"][s:e]).mean() > 0.2 and (videos["action"][e] == 0).all()
-    # the actions are the simulator's: replaying one video's actions from its first state gives its states
-    env.reset(options={"state": videos["state"][starts[0]]})
-    for t in range(starts[0], ends[0]):
-        _, _, _, _, info = env.step(videos["action"][t])
-        np.testing.assert_allclose(info["state"], videos["state"][t + 1], atol=1e-3)
-
-
 def test_pusht_goal_videos_end_at_the_goal():
     videos = envs.pusht_goal_videos(3, length=20, seed=0, obs_size=32)
     envs.validate_dataset(videos)
