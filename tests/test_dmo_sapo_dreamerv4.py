@@ -128,11 +128,16 @@ def test_larger_step_sizes_regress_on_the_bootstrap_velocity():
 
 
 def test_sample_shortcut_puts_tau_on_the_grid_of_its_step_size():
-    tau, d = dv4.sample_shortcut((4000,), 8, generator=torch.Generator().manual_seed(0))
+    tau, d = dv4.sample_shortcut((4000,), 8, 0.25, generator=torch.Generator().manual_seed(0))
     assert set(d.unique().tolist()) == {1.0, 0.5, 0.25, 0.125}
     assert torch.all(tau >= 0) and torch.all(tau <= 1 - d)
     assert torch.allclose(tau / d, torch.round(tau / d))
-    assert (tau[d == 0.125] > 0.5).any(), "small steps visit high noise levels too"
+    assert (tau[d == 0.125] == 0.875).any(), "the smallest steps reach the context's noise level"
+    assert 0.72 < (d == 0.125).float().mean() < 0.78  # 3 of 4 frames regress on the clean latents
+    for step in (1.0, 0.5, 0.25):  # the others spread evenly over the larger step sizes
+        assert 0.07 < (d == step).float().mean() < 0.10
+    _, d = dv4.sample_shortcut((100,), 1, 0.5)
+    assert torch.all(d == 1.0), "K_max = 1: only flow matching"
 
 
 def test_dynamics_is_block_causal():
@@ -256,7 +261,7 @@ def test_reward_head_learns_the_labels():
     def batch(n=16):
         z1 = torch.randint(0, 2, (n, 4, 3, 4)).float() * 2 - 1
         labels = (z1[:, :, 0, 0] > 0).long() + (z1[:, :, 1, 1] > 0).long()  # 0, 1 or 2 from the frame's latents
-        tau, d = dv4.sample_shortcut((n, 4), 4)
+        tau, d = dv4.sample_shortcut((n, 4), 4, 0.5)
         return z1, labels, tau, d
 
     for _ in range(300):
@@ -302,7 +307,7 @@ if rank == 0:
 def test_two_process_ddp_step_equals_the_single_process_step(tmp_path, play_data):
     torch.manual_seed(0)
     B, T = 4, 3
-    tau, d = dv4.sample_shortcut((B, T), 4)
+    tau, d = dv4.sample_shortcut((B, T), 4, 0.5)
     batch = {"z1": torch.rand(B, T, 3, 4) * 2 - 1, "actions": torch.rand(B, T, 3), "labels": torch.randint(0, 3, (B, T)),
              "noise": torch.randn(B, T, 3, 4), "tau": tau, "d": d}
     torch.save(batch, tmp_path / "batch.pt")
