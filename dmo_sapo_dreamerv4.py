@@ -17,7 +17,7 @@ The policy is trained entirely inside learned models and deployed zero-shot in t
 `--mode cem-mpc` plans every action with the same dynamics and reward head instead of a policy (A.7).
 
     python dmo_sapo_dreamerv4.py --seed 1                    # `default`: sized for a 2-core CPU
-    python dmo_sapo_dreamerv4.py --seed 1 --preset tiny      # the whole pipeline in about a minute
+    python dmo_sapo_dreamerv4.py --seed 1 --preset tiny      # the whole pipeline in about 20 s (the tests)
     python dmo_sapo_dreamerv4.py --seed 1 --preset paper     # Table 4 sizes (GPUs)
     python dmo_sapo_dreamerv4.py --seed 1 --forward-model rssm   # ablation "No Diffusion"
     python dmo_sapo_dreamerv4.py --seed 1 --no-rssm-finetune     # ablation "No RSSM Finetuning"

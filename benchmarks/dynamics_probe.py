@@ -27,7 +27,7 @@ import dmo_sapo_dreamerv4 as dv4  # noqa: E402
 @dataclasses.dataclass
 class Args:
     run: str
-    """a run directory with tokenizer.pt (and dynamics.pt unless --train-steps)"""
+    """a run directory with dynamics.pt (unless --train-steps) and tokenizer.pt (or the --tok-checkpoint it started from)"""
     windows: int = 64
     """play windows probed"""
     context: int = 8
@@ -48,7 +48,9 @@ def load(run):
     args = dv4.Args(**{k: tuple(v) if k == "betas" else v for k, v in saved.items()})
     data = dv4.load_play_data(args, torch.device("cpu"), verbose=False)
     tok = dv4.make_tokenizer(args)
-    tok.load_state_dict(dv4.load_checkpoint(os.path.join(run, "tokenizer.pt"), "tokenizer", args)["model"])
+    path = os.path.join(run, "tokenizer.pt")
+    path = path if os.path.exists(path) else args.tok_checkpoint or path  # a run started from --tok-checkpoint
+    tok.load_state_dict(dv4.load_checkpoint(path, "tokenizer", args)["model"])
     return args, data, tok.eval()
 
 
