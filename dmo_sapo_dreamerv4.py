@@ -437,7 +437,6 @@ class Tokenizer(nn.Module):
             x = block(x, self.dec_mask)
         return self.unpatchify(self.patch_out(x[:, self.latents:])).reshape(*lead, 3, self.img_size, self.img_size)
 
-
     def forward(self, frames, drop=None):
         """The reconstruction of frames through the bottleneck (what the training loss compares)."""
         return self.decode(self.encode(frames, drop))
@@ -1032,21 +1031,27 @@ def world_model_report(args, data, tok, dyn, device, n=64, steps=8):
         frames = to_float(data["obs"][idx])
         z = tok.encode(frames)
         recon = F.mse_loss(tok.decode(z), frames).item()
-        into = actions_into(data["action"][idx])
-        cache = KVCache(args.dyn_layers, args.dyn_max_context)
-        logits_real = observe(dyn, cache, z[:, :L], into[:, :L], args.dyn_context_noise)
-        generated = []
-        for t in range(L, L + steps):
-            zt, _ = generate(dyn, cache, into[:, t], args.dyn_sampling_steps, args.dyn_context_noise)
-            generated.append(zt[:, 0])
-        dreamed = tok.decode(torch.stack(generated, 1)).clamp(-1, 1)
+        logits_real, dreamed = dream(args, tok, dyn, z[:, :L], actions_into(data["action"][idx]))
         open_loop = F.mse_loss(dreamed, frames[:, L:]).item()
         copy_last = F.mse_loss(frames[:, L - 1:L].expand_as(frames[:, L:]), frames[:, L:]).item()
         labels = data["label"][idx[:, :L]]
         accuracy = (logits_real.argmax(-1) == labels).float().mean().item()
         base = torch.bincount(labels.flatten(), minlength=3).max().item() / labels.numel()
     return {"tokenizer_mse": recon, "open_loop_mse": open_loop, "copy_last_mse": copy_last, "reward_accuracy": accuracy,
-            "reward_accuracy_majority": base, "frames": frames, "dreamed": dreamed, "context": L}
+            "reward_accuracy_majority": base}
+
+
+@torch.no_grad()
+def dream(args, tok, dyn, z_context, into):
+    """Open loop in the dynamics: the context latents (B, L, ...) fill a KV cache, then one frame is generated for
+    each action of into[:, L:] (the actions that led into each frame). Returns the context's label logits and the
+    generated frames, decoded (B, T - L, 3, S, S)."""
+    L = z_context.shape[1]
+    cache = KVCache(args.dyn_layers, args.dyn_max_context)
+    logits = observe(dyn, cache, z_context, into[:, :L], args.dyn_context_noise)
+    generated = [generate(dyn, cache, into[:, t], args.dyn_sampling_steps, args.dyn_context_noise)[0][:, 0]
+                 for t in range(L, into.shape[1])]
+    return logits, tok.decode(torch.stack(generated, 1)).clamp(-1, 1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1352,12 +1357,12 @@ def policy_controller(rssm, actor, episodes, device):
 
 
 def cem_controller(args, tok, dyn, episodes, device):
-    """CEM-MPC with the global model (A.7): per action, the last cem_context real frames (tokenized) fill a KV cache;
-    cem_candidates action chunks of cem_horizon steps around the mean plan (the previous plan shifted) are generated
+    """CEM-MPC with the global model (A.7): each real frame (tokenized) joins a KV cache of the last cem_context ones;
+    per action, cem_candidates action chunks of cem_horizon steps around the mean plan (the previous plan shifted) are generated
     jointly in chunk mode with cem_steps denoising steps each; the chunk's discounted expected reward scores them;
     the mean of the cem_elites best is the plan (one CEM iteration), its first action is executed."""
     N, Hc, A = args.cem_candidates, args.cem_horizon, ACTION_DIM
-    latents, into = [], []
+    cache = KVCache(args.dyn_layers, args.cem_context)
     plan = torch.zeros(episodes, Hc, A, device=device)
     last = torch.zeros(episodes, A, device=device)
     discount = args.gamma ** torch.arange(Hc, device=device).float()
@@ -1365,15 +1370,11 @@ def cem_controller(args, tok, dyn, episodes, device):
     @torch.no_grad()
     def act(frames):
         nonlocal plan, last
-        latents.append(tok.encode(frames))
-        into.append(last)
-        del latents[: -args.cem_context], into[: -args.cem_context]
-        cache = KVCache(args.dyn_layers, args.dyn_max_context)
-        observe(dyn, cache, torch.stack(latents, 1), torch.stack(into, 1), args.dyn_context_noise)
-        cache = cache.repeat(N, dyn.n_tokens)
+        observe(dyn, cache, tok.encode(frames)[:, None], last[:, None], args.dyn_context_noise)
         candidates = plan.repeat_interleave(N, 0) + args.cem_std * torch.randn(episodes * N, Hc, A, device=device)
         candidates = candidates.clamp(-1, 1)
-        _, logits = generate(dyn, cache, None, args.cem_steps, args.dyn_context_noise, chunk_actions=candidates)
+        _, logits = generate(dyn, cache.repeat(N, dyn.n_tokens), None, args.cem_steps, args.dyn_context_noise,
+                             chunk_actions=candidates)
         score = (expected_reward(logits) * discount).sum(-1).view(episodes, N)
         elite = score.topk(args.cem_elites, 1).indices  # (E, elites)
         best = candidates.view(episodes, N, Hc, A)[torch.arange(episodes, device=device)[:, None], elite]
@@ -1466,11 +1467,7 @@ def imagined_vs_real(args, data, tok, dyn, rssm, steps=16):
         starts = window_starts(data, L + steps)
         idx = (starts[torch.randint(len(starts), (1,))][:, None] + torch.arange(L + steps)).to(device)
         real, into = to_float(data["obs"][idx]), actions_into(data["action"][idx])
-        cache = KVCache(args.dyn_layers, args.dyn_max_context)
-        observe(dyn, cache, tok.encode(real[:, :L]), into[:, :L], args.dyn_context_noise)
-        dreamed = [generate(dyn, cache, into[:, t], args.dyn_sampling_steps, args.dyn_context_noise)[0][:, 0]
-                   for t in range(L, L + steps)]
-        dreamed = tok.decode(torch.stack(dreamed, 1)).clamp(-1, 1)
+        _, dreamed = dream(args, tok, dyn, tok.encode(real[:, :L]), into)
         is_first = torch.zeros(1, L, dtype=torch.bool, device=device)
         is_first[:, 0] = True
         post, _ = rssm.observe(rssm.encode(real[:, :L] / 2), into[:, :L], is_first)
@@ -1559,7 +1556,7 @@ STAGES = {"names": [], "current": 0}  # the run's stages in order, and which one
 
 
 def start_stage(name):
-    STAGES["current"] = STAGES["names"].index(name) + 1 if name in STAGES["names"] else STAGES["current"] + 1
+    STAGES["current"] = STAGES["names"].index(name) + 1
     if main_process():
         print(f"stage {STAGES['current']} of {len(STAGES['names'])}: {name} | {duration(wall_time())} into the run",
               flush=True)
