@@ -427,12 +427,13 @@ class Policy:
         return (w[:, None, None] * preds).sum(0).clamp(-1, 1).cpu().numpy()
 
 
-def evaluate(policy, episodes, seed, controller="default", record=0, env_id="EgoPushCube-v0"):
-    """Zero-shot in the simulator: episodes on reset seeds seed, seed+1, ..., all stepped together;
+def evaluate(policy, episodes, seed, controller="default", record=0, env_id="EgoPushCube-v0", start="full"):
+    """Zero-shot in the simulator: episodes on reset seeds seed, seed+1, ... (from envs' `start` distribution), all
+    stepped together;
     `policy.act(frames, states, t, infos)` -> (episodes, 3) actions (infos: the simulator's, for privileged
     reference policies only). Returns Table 1's metrics (over successful episodes) and, for the first `record`
     episodes, video frames."""
-    sims = [gym.make(env_id, controller=controller) for _ in range(episodes)]
+    sims = [gym.make(env_id, controller=controller, start=start) for _ in range(episodes)]
     obs, infos = zip(*[sim.reset(seed=seed + i) for i, sim in enumerate(sims)])
     obs, infos = list(obs), list(infos)
     alive, states = np.ones(episodes, bool), np.zeros((episodes, 3), np.float32)

@@ -86,9 +86,13 @@ class Args:
 
     # Play data
     data_dir: str = "data"
-    """play data lives at {data_dir}/EgoPushCube-v0_play_{play_steps}.npz, collected from the simulator when missing"""
+    """play data lives at {data_dir}/EgoPushCube-v0_play_{play_steps}.npz (EgoPushCube-v0_near_play_... with --start
+    near), collected from the simulator when missing"""
     data_path: Optional[str] = None
     """any play-data file of the format in README with `reward_label` (e.g. recorded on a real robot)"""
+    start: Literal["full", "near"] = "full"
+    """where the episodes of the play data and of the evaluation start (envs.EgoPushCubeEnv): full = anywhere in the
+    room (the paper's task); near = its last stage, the cube before the net and the robot behind it (an easier rung)"""
     play_steps: int = 30_000
     """frames of play to collect when no file exists (paper: 12 h at 5 Hz = 216k)"""
     img_size: int = 32
@@ -151,6 +155,10 @@ class Args:
     """AdamW learning rate (100-step warm-up, weight decay 1e-2, grad clip 1)"""
     reward_loss_scale: float = 1.0
     """weight of the reward head's cross-entropy beside the shortcut loss"""
+    reward_balance: float = 0.5
+    """each label's cross-entropy weighted by (its share of the play frames)^-reward_balance, normalised to a mean
+    weight of 1 over the frames: 0 is the plain cross-entropy, 1 weighs the labels equally (play data is ~88 %
+    "other": unweighted, the head learns to always say "other")"""
 
     # Local model f<- (DreamerV3 RSSM)
     rssm_checkpoint: Optional[str] = None
@@ -268,7 +276,8 @@ PRESETS = {
 # Play data
 # ----------------------------------------------------------------------------------------------------
 def play_data_path(args):
-    return args.data_path or os.path.join(args.data_dir, f"{ENV_ID}_play_{args.play_steps}.npz")
+    start = "" if args.start == "full" else f"_{args.start}"
+    return args.data_path or os.path.join(args.data_dir, f"{ENV_ID}{start}_play_{args.play_steps}.npz")
 
 
 def load_play_data(args, device, verbose=True):
@@ -277,7 +286,7 @@ def load_play_data(args, device, verbose=True):
     path = play_data_path(args)
     if not os.path.exists(path) and args.data_path is None:
         print(f"collecting {args.play_steps} frames of play data into {path}")
-        envs.save_dataset(path, envs.collect(ENV_ID, args.play_steps, seed=0, verbose=verbose))
+        envs.save_dataset(path, envs.collect(ENV_ID, args.play_steps, seed=0, verbose=verbose, start=args.start))
     data = envs.load_dataset(path)
     if str(data.get("env_id", ENV_ID)) != ENV_ID:
         raise RunError(f"{path}: play data of {data['env_id']}, but this script's task is {ENV_ID}")
@@ -609,12 +618,12 @@ def shortcut_targets(dyn, z_noisy, tau, d, actions):
         return (b1 + b2) / 2
 
 
-def dynamics_loss(dyn, z1, actions, labels, noise, tau, d, reward_scale=1.0):
+def dynamics_loss(dyn, z1, actions, labels, noise, tau, d, reward_scale=1.0, class_weights=None):
     """Shortcut forcing on clean latents z1 (B, T, L, C) with Gaussian `noise` of the same shape, per-frame tau and d
     (B, T), the actions that led into each frame (B, T, A) and the frames' labels (B, T). z~ = (1 - tau) noise + tau z1.
     Smallest d: ||z1^ - z1||^2 (flow matching in x-prediction); larger d: (1 - tau)^2 ||(z1^ - z~)/(1 - tau) -
     sg(b' + b'')/2||^2. Each frame weighted 0.9 tau + 0.1. Plus the reward head's cross-entropy on the labels, each
-    frame's weighted by its tau.
+    frame's weighted by its tau and by its label's weight (class_weights (3,), None: 1).
     Returns (loss, parts)."""
     e = lambda x: x[..., None, None]
     z_noisy = (1 - e(tau)) * noise + e(tau) * z1
@@ -631,7 +640,7 @@ def dynamics_loss(dyn, z1, actions, labels, noise, tau, d, reward_scale=1.0):
     # the reward head classifies what a frame shows, and a frame at noise level tau shows a share tau of itself: its
     # cross-entropy counts tau times (pure noise, tau = 0, not at all); generation reads the head at tau = 1 -
     # context_noise. A plain mean over frames, so that DDP's average over processes is the mean over the global batch
-    ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(tau)
+    ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), weight=class_weights, reduction="none").view_as(tau)
     reward = (tau * ce).mean()
     return shortcut + reward_scale * reward, {"shortcut": shortcut.item(), "flow_mse": flow.mean().item(),
                                               "reward_ce": reward.item()}
@@ -997,9 +1006,20 @@ def actions_into(actions):
     return torch.cat([torch.zeros_like(actions[:, :1]), actions[:, :-1]], 1)
 
 
+def label_weights(labels, balance):
+    """Per label (3,): share^-balance, normalised so that the mean weight over the frames is 1 (absent labels: 0)."""
+    share = torch.bincount(labels, minlength=3).float() / len(labels)
+    w = torch.where(share > 0, share.clamp_min(1e-12) ** -balance, torch.zeros_like(share))
+    return w / (w * share).sum()
+
+
 def train_dynamics(args, data, tok, device, writer, run_dir):
     dyn = make_dynamics(args).to(device)
     T = args.dyn_seq_len
+    weights = label_weights(data["label"], args.reward_balance)
+    if main_process():
+        print(f"reward head: label weights {', '.join(f'{w:.2f}' for w in weights.tolist())} (other, pushing, "
+              f"success; --reward-balance {args.reward_balance})")
     shards = Shards(window_starts(data, T), args.dyn_batch_size, args.seed)
 
     def next_loss(model):
@@ -1009,7 +1029,7 @@ def train_dynamics(args, data, tok, device, writer, run_dir):
         tau, d = sample_shortcut(idx.shape, args.dyn_max_shortcut, args.dyn_bootstrap_fraction, device=device)
         noise = torch.randn_like(z1)
         loss, parts = dynamics_loss(model, z1, actions_into(data["action"][idx]), data["label"][idx], noise, tau, d,
-                                    args.reward_loss_scale)
+                                    args.reward_loss_scale, weights)
         return loss, parts
 
     return train_stage(args, "dynamics", dyn, args.dyn_steps, args.dyn_lr, next_loss, args.dyn_checkpoint, device,
@@ -1017,11 +1037,12 @@ def train_dynamics(args, data, tok, device, writer, run_dir):
 
 
 @torch.no_grad()
-def world_model_report(args, data, tok, dyn, device, n=64, steps=8):
+def world_model_report(args, data, tok, dyn, device, n=64, steps=8, n_reward=256):
     """Diagnostics of the trained global model on fixed play windows (training data: no episodes are held out): the
-    tokenizer's reconstruction MSE, the open-loop MSE of frames generated for `steps` steps after min(init_context, 8)
-    real ones (decoded, [-1, 1]) beside that of repeating the last real frame, and the reward head's label accuracy
-    on the real frames beside that of always predicting the commonest label."""
+    tokenizer's reconstruction MSE; the open-loop MSE of frames generated for `steps` steps after min(init_context, 8)
+    real ones (decoded, [-1, 1]) beside that of repeating the last real frame; and the reward head on the real frames
+    of n_reward windows as context: its accuracy beside always predicting the commonest label, and per label its
+    recall and its mean expected reward (what DMO-SAPO optimises: it must rank "pushing" above "other")."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
         L = min(args.init_context, 8)
@@ -1031,14 +1052,25 @@ def world_model_report(args, data, tok, dyn, device, n=64, steps=8):
         frames = to_float(data["obs"][idx])
         z = tok.encode(frames)
         recon = F.mse_loss(tok.decode(z), frames).item()
-        logits_real, dreamed = dream(args, tok, dyn, z[:, :L], actions_into(data["action"][idx]))
+        _, dreamed = dream(args, tok, dyn, z[:, :L], actions_into(data["action"][idx]))
         open_loop = F.mse_loss(dreamed, frames[:, L:]).item()
         copy_last = F.mse_loss(frames[:, L - 1:L].expand_as(frames[:, L:]), frames[:, L:]).item()
-        labels = data["label"][idx[:, :L]]
-        accuracy = (logits_real.argmax(-1) == labels).float().mean().item()
-        base = torch.bincount(labels.flatten(), minlength=3).max().item() / labels.numel()
-    return {"tokenizer_mse": recon, "open_loop_mse": open_loop, "copy_last_mse": copy_last, "reward_accuracy": accuracy,
-            "reward_accuracy_majority": base}
+
+        T = args.dyn_seq_len
+        starts = window_starts(data, T)
+        idx = (starts[torch.randint(len(starts), (n_reward,))][:, None] + torch.arange(T)).to(device)
+        logits = observe(dyn, KVCache(args.dyn_layers, args.dyn_max_context), tok.encode(to_float(data["obs"][idx])),
+                         actions_into(data["action"][idx]), args.dyn_context_noise).flatten(0, 1)
+        labels = data["label"][idx].flatten()
+        counts = torch.bincount(labels, minlength=3)
+        recall = [(logits.argmax(-1)[labels == c] == c).float().mean().item() if counts[c] else float("nan")
+                  for c in range(3)]
+        mean_reward = [expected_reward(logits[labels == c]).mean().item() if counts[c] else float("nan")
+                       for c in range(3)]
+    return {"tokenizer_mse": recon, "open_loop_mse": open_loop, "copy_last_mse": copy_last,
+            "reward_accuracy": (logits.argmax(-1) == labels).float().mean().item(),
+            "reward_accuracy_majority": counts.max().item() / len(labels), "reward_recall": recall,
+            "reward_mean_by_label": mean_reward, "label_counts": counts.tolist()}
 
 
 @torch.no_grad()
@@ -1394,7 +1426,7 @@ def run_episodes(args, act, episodes, seed, device, controller="default", record
     Returns Table 1's metrics and the top-down videos of the first `record` episodes."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        sims = [gym.make(ENV_ID, controller=controller, max_episode_steps=args.eval_max_steps)
+        sims = [gym.make(ENV_ID, controller=controller, start=args.start, max_episode_steps=args.eval_max_steps)
                 for _ in range(episodes)]
         obs, infos = zip(*(sim.reset(seed=seed + i) for i, sim in enumerate(sims)))
         obs = list(obs)
@@ -1514,7 +1546,7 @@ def parse_args(argv=None):
         if getattr(args, name) < 1:
             raise RunError(f"{name} ({getattr(args, name)}) must be at least 1")
     for name in ("tok_steps", "dyn_steps", "rssm_pretrain_steps", "rssm_finetune_steps", "eval_every", "seed",
-                 "eval_seed"):
+                 "eval_seed", "reward_balance"):
         if getattr(args, name) < 0:
             raise RunError(f"{name} ({getattr(args, name)}) must not be negative")
     for name in ("tok_lr", "dyn_lr", "rssm_lr", "actor_lr", "critic_lr", "alpha_lr", "init_alpha", "cem_std"):
@@ -1647,12 +1679,18 @@ def run(args):
         dyn = train_dynamics(args, data, tok, device, writer, run_dir).eval().requires_grad_(False)
         if main_process():
             report = world_model_report(args, data, tok, dyn, device)
+            per_label = lambda key: " / ".join(f"{v:.3f}" for v in report[key])
             print(f"world model: tokenizer MSE {report['tokenizer_mse']:.4f}, open-loop MSE over 8 generated frames "
                   f"{report['open_loop_mse']:.4f} (copying the last context frame: {report['copy_last_mse']:.4f}; "
-                  f"in [-1, 1]), reward head label accuracy {report['reward_accuracy']:.3f} (always the commonest "
-                  f"label: {report['reward_accuracy_majority']:.3f})")
+                  f"in [-1, 1]); reward head on {sum(report['label_counts'])} real frames (labels other / pushing / "
+                  f"success: {' / '.join(map(str, report['label_counts']))}): accuracy {report['reward_accuracy']:.3f} "
+                  f"(always the commonest label: {report['reward_accuracy_majority']:.3f}), recall "
+                  f"{per_label('reward_recall')}, mean expected reward {per_label('reward_mean_by_label')}")
             for k in ("tokenizer_mse", "open_loop_mse", "copy_last_mse", "reward_accuracy"):
                 writer.add_scalar(f"world_model/{k}", report[k], 0)
+            for c, name in enumerate(("other", "pushing", "success")):
+                writer.add_scalar(f"world_model/reward_recall_{name}", report["reward_recall"][c], 0)
+                writer.add_scalar(f"world_model/reward_mean_{name}", report["reward_mean_by_label"][c], 0)
         if args.stop_after == "dynamics":
             return stopped_after("dynamics")
     if not main_process():  # the other processes only train the world models
@@ -1682,13 +1720,15 @@ def run(args):
         act = policy_controller(rssm, actor, args.eval_episodes, device)
         videos_of = "the policy"
     # Zero-shot deployment in the simulator
-    print(f"evaluating {videos_of} on {args.eval_episodes} episodes of {ENV_ID} ({args.eval_controller} controller)")
+    print(f"evaluating {videos_of} on {args.eval_episodes} episodes of {ENV_ID} ({args.eval_controller} controller, "
+          f"{args.start} start distribution)")
     metrics, videos = run_episodes(args, act, args.eval_episodes, args.eval_seed, device, args.eval_controller,
                                    record=3 if args.capture_video else 0)
     prefix = eval_file(args)[: -len(".json")].replace("eval", "eval_episode", 1)
     for i, video in enumerate(videos):
         envs.write_video(os.path.join(run_dir, f"{prefix}_{i}.mp4"), video, scale=1)
-    result = {"env_id": ENV_ID, "mode": args.mode, **metrics, "global_step": global_step, "wall_time_s": wall_time()}
+    result = {"env_id": ENV_ID, "mode": args.mode, "start": args.start, **metrics, "global_step": global_step,
+              "wall_time_s": wall_time()}
     log_eval(writer, metrics, global_step)
     with open(os.path.join(run_dir, eval_file(args)), "w") as f:
         json.dump(result, f, indent=1)

@@ -417,6 +417,7 @@ SCENE_POINTS = np.array([(0, 0), (ROOM_W, 0), (ROOM_W, ROOM_H), (0, ROOM_H),  # 
                          (0, 0), (ROOM_W, 0), (ROOM_W, 0), (ROOM_W, ROOM_H), (ROOM_W, ROOM_H), (0, ROOM_H), (0, ROOM_H), (0, 0),  # walls
                          (NET[0], NET[2]), (NET[1], NET[2]), (NET[0], NET[3]), (NET[1], NET[3])], float)  # posts
 SCENE_LINE_COLORS = [EGO_COLORS["wall"]] * 4 + [EGO_COLORS["post"]] * 2
+EGO_STARTS = ("full", "near")  # start distributions: anywhere in the room; the last stage (cube before the net)
 
 
 class EgoPushCubeEnv(gym.Env):
@@ -428,6 +429,8 @@ class EgoPushCubeEnv(gym.Env):
     the robot, heading up, masked to a +-55 degree field of view; what is beside or behind is not seen.
     Labels (the operator's button presses of the paper): 0 other, 1 pushing the cube toward the goal,
     2 success. Reward: 1 while pushing toward the goal, 10 on success (terminal).
+    start="near" starts every episode at the task's last stage (cube before the net, robot behind it): an easier
+    rung of the same task.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": CONTROL_HZ}
@@ -435,10 +438,13 @@ class EgoPushCubeEnv(gym.Env):
     view = 3.0  # m, width and depth of the ego-centric view
     fov = math.radians(55)  # half angle
 
-    def __init__(self, controller: str = "default", obs_size: int = 64, render_mode: str = "rgb_array"):
+    def __init__(self, controller: str = "default", obs_size: int = 64, render_mode: str = "rgb_array",
+                 start: str = "full"):
         if controller not in CONTROLLERS:
             raise ValueError(f"controller must be one of {sorted(CONTROLLERS)}, got {controller!r}")
-        self.controller, self.obs_size, self.render_mode = controller, obs_size, render_mode
+        if start not in EGO_STARTS:
+            raise ValueError(f"start must be one of {EGO_STARTS}, got {start!r}")
+        self.controller, self.obs_size, self.render_mode, self.start = controller, obs_size, render_mode, start
         self.tau, self.gain = CONTROLLERS[controller]["tau"], np.array(CONTROLLERS[controller]["gain"])
         self.observation_space = gym.spaces.Box(0, 255, (obs_size, obs_size, 3), np.uint8)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
@@ -492,6 +498,15 @@ class EgoPushCubeEnv(gym.Env):
         r = self.np_random
         robot = options.get("robot_pose")
         cube = options.get("cube_pose")
+        if self.start == "near" and robot is None and cube is None:
+            # the task's last stage: the cube 0.9-1.7 m before the net, the robot 0.6-1 m behind it, within 0.5 rad of
+            # the line from the cube to the net, facing the cube within 0.4 rad (driving straight ahead succeeds in 42 of
+            # 100 episodes of 200 steps, random actions in 1, standing still in 0)
+            cube = [r.uniform(3.0, 3.8), r.uniform(1.5, 2.5), r.uniform(-np.pi, np.pi)]
+            line = math.atan2(NET_CENTER[1] - cube[1], NET_CENTER[0] - cube[0]) + r.uniform(-0.5, 0.5)
+            back = r.uniform(0.6, 1.0)
+            x, y = cube[0] - back * math.cos(line), cube[1] - back * math.sin(line)
+            robot = [x, y, math.atan2(cube[1] - y, cube[0] - x) + r.uniform(-0.4, 0.4)]
         if robot is None:
             robot = [r.uniform(0.5, 2.8), r.uniform(0.5, 3.5), r.uniform(-np.pi, np.pi)]
         if cube is None:
@@ -766,13 +781,13 @@ PROGRESS_FRAMES = 10_000  # collections of at least this many frames print a pro
 
 
 def collect(env_id: str, steps: int, seed: int = 0, demo_fraction: float = 0.0, verbose: bool = True,
-            max_episodes: Optional[int] = None) -> dict:
+            max_episodes: Optional[int] = None, **env_kwargs) -> dict:
     """Record `steps` frames (or, with `max_episodes`, that many whole episodes) from the simulator: play episodes,
     and scripted demonstrations for a `demo_fraction` of the frames (EgoPushCube-v0 only). Episode i starts from
-    reset seed `seed + i`."""
+    reset seed `seed + i`. env_kwargs go to gym.make (e.g. start="near" for EgoPushCube-v0)."""
     if demo_fraction > 0 and env_id != "EgoPushCube-v0":
         raise ValueError(f"no scripted demonstrator for {env_id}; demonstrations exist for EgoPushCube-v0")
-    env = gym.make(env_id)
+    env = gym.make(env_id, **env_kwargs)
     rng = np.random.default_rng(seed)
     play = PLAY_POLICIES.get(env_id, push_cube_play_policy)
     episodes, is_demo, demo_stats = [], [], [0, 0]

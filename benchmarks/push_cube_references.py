@@ -1,9 +1,11 @@
 """The references ACT (and DMO on Push-Cube) are read against: the scripted demonstrator that recorded the
-demonstrations (privileged: it knows the cube's pose), uniform random actions and zero actions, evaluated exactly as
+demonstrations (privileged: it knows the cube's pose), uniform random actions, zero actions and driving straight
+ahead (forward at full speed), evaluated exactly as
 act_baseline.py evaluates a policy (its `evaluate`, Table 1's metrics) on the same seeds (eval_seed on) and on
 further disjoint sets of seeds for the spread.
 
     python benchmarks/push_cube_references.py --episodes 50 --sets 3
+    python benchmarks/push_cube_references.py --start near --controllers default   # the easier rung's references
 """
 
 import dataclasses
@@ -29,6 +31,8 @@ class Args:
     """first evaluation seed"""
     controllers: tuple[str, ...] = ("default", "alt")
     """low-level controllers to evaluate under"""
+    start: str = "full"
+    """start distribution of the episodes (envs.EGO_STARTS: full, near)"""
 
 
 class Demonstrator:
@@ -47,7 +51,9 @@ class Constant:
 
     def act(self, frames, states, t, infos):
         shape = (len(frames), 3)
-        return self.rng.uniform(-1, 1, shape).astype(np.float32) if self.kind == "random" else np.zeros(shape, np.float32)
+        if self.kind == "random":
+            return self.rng.uniform(-1, 1, shape).astype(np.float32)
+        return np.tile(np.array([1.0, 0.0, 0.0] if self.kind == "forward" else [0.0] * 3, np.float32), (len(frames), 1))
 
 
 def fmt(rows, key):
@@ -59,18 +65,18 @@ def fmt(rows, key):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    print(f"{args.episodes} episodes a set, {args.sets} sets; mean over the sets ± their std (Table 1's metrics over "
-          f"the successful episodes of a set)")
+    print(f"{args.episodes} episodes a set, {args.sets} sets, {args.start} start distribution; mean over the sets ± "
+          f"their std (Table 1's metrics over the successful episodes of a set)")
     print("| controller | policy | success rate | steps to success | straightness | curvature | cube to net (m) | "
           "touched the cube | seconds |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for controller in args.controllers:
-        for name in ("demonstrator", "random", "zero"):
+        for name in ("demonstrator", "random", "zero", "forward"):
             rows, t0 = [], time.time()
             for k in range(args.sets):
                 seed = args.eval_seed + k * args.episodes
                 policy = Demonstrator(args.episodes, seed) if name == "demonstrator" else Constant(name, seed)
-                rows.append(act.evaluate(policy, args.episodes, seed, controller)[0])
+                rows.append(act.evaluate(policy, args.episodes, seed, controller, start=args.start)[0])
             print(f"| {controller} | {name} | {fmt(rows, 'success_rate')} | {fmt(rows, 'steps_to_success_mean')} | "
                   f"{fmt(rows, 'straightness_mean')} | {fmt(rows, 'curvature_mean')} | "
                   f"{fmt(rows, 'mean_final_cube_to_net_m')} | {fmt(rows, 'touched_cube_fraction')} | "

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import dmo_sapo_dreamerv4 as dv4
 import envs
@@ -282,6 +283,29 @@ def test_reward_head_learns_the_labels():
     torch.testing.assert_close(dv4.expected_reward(one_hot), torch.tensor([1.0, 10.0]))
 
 
+def test_label_weights_balance_rare_labels_and_weight_the_cross_entropy():
+    labels = torch.tensor([0] * 80 + [1] * 16 + [2] * 4)
+    assert torch.allclose(dv4.label_weights(labels, 0.0), torch.ones(3))
+    w = dv4.label_weights(labels, 1.0)  # equal total weight per label, mean weight 1 over the frames
+    assert torch.allclose(w * torch.tensor([0.80, 0.16, 0.04]), torch.full((3,), 1 / 3))
+    w = dv4.label_weights(labels, 0.5)
+    assert torch.allclose(w[1] / w[0], torch.tensor(5.0**0.5)) and torch.isclose((w * torch.tensor([.8, .16, .04])).sum(),
+                                                                                torch.tensor(1.0))
+    assert dv4.label_weights(torch.tensor([0, 0, 1]), 0.5)[2] == 0  # an absent label
+    # in the loss, a frame's cross-entropy counts its label's weight: zeroing "other" leaves the other labels' terms
+    torch.manual_seed(0)
+    dyn = dv4.Dynamics(latents=3, bottleneck=4, dim=16, layers=1, heads=2, registers=1, max_shortcut=4)
+    z1, labels = torch.randn(2, 4, 3, 4), torch.tensor([[0, 1, 0, 2], [1, 0, 0, 0]])
+    tau, d = torch.full((2, 4), 0.5), torch.full((2, 4), 0.25)
+    args = (dyn, z1, torch.zeros(2, 4, 3), labels, torch.randn_like(z1), tau, d)
+    _, plain = dv4.dynamics_loss(*args)
+    _, weighted = dv4.dynamics_loss(*args, class_weights=torch.tensor([0.0, 1.0, 1.0]))
+    _, logits = dyn((1 - 0.5) * args[4] + 0.5 * z1, tau, d, args[2])
+    ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+    assert abs(plain["reward_ce"] - (0.5 * ce).mean().item()) < 1e-5
+    assert abs(weighted["reward_ce"] - (0.5 * ce * (labels.flatten() > 0)).mean().item()) < 1e-5
+
+
 DDP_SCRIPT = """
 import os, sys, torch
 sys.path.insert(0, {root!r})
@@ -359,13 +383,15 @@ def test_tiny_preset_runs_the_pipeline_and_cem_mpc(play_data, tmp_path):
     assert stages == ["stage 1 of 6: play data", "stage 2 of 6: tokenizer", "stage 3 of 6: dynamics",
                       "stage 4 of 6: RSSM pretraining", "stage 5 of 6: DMO-SAPO",
                       "stage 6 of 6: evaluation in the simulator"]
-    assert "reward head label accuracy" in r.stdout and "open-loop error over 16 steps" in r.stdout
+    assert "mean expected reward" in r.stdout and "recall" in r.stdout and "open-loop error over 16 steps" in r.stdout
     before = {name: (run_dir / name).read_bytes() for name in ("tokenizer.pt", "dynamics.pt", "agent.pt")}
     # CEM-MPC with the run's world model: its own eval file, the policy's eval.json kept, no stage trained again
-    r = run_script("--resume", str(run_dir), "--mode", "cem-mpc")
+    # (from the easier start distribution: the cube before the net, at most 1.8 m from it; 10 steps move it little)
+    r = run_script("--resume", str(run_dir), "--mode", "cem-mpc", "--start", "near")
     assert r.returncode == 0, r.stderr[-2000:]
     cem = json.loads((run_dir / "eval_cem_mpc.json").read_text())
     assert cem["mode"] == "cem-mpc" and cem["episodes"] == 2 and cem["global_step"] == 0
+    assert result["start"] == "full" and cem["start"] == "near" and cem["mean_final_cube_to_net_m"] < 2.1
     assert cem["frames_generated_per_action"] == 8 * 2 and cem["ms_per_action"] > 0
     assert json.loads((run_dir / "eval.json").read_text()) == result
     assert all((run_dir / name).read_bytes() == b for name, b in before.items())
@@ -375,6 +401,12 @@ def test_tiny_preset_runs_the_pipeline_and_cem_mpc(play_data, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     alt = json.loads((run_dir / "eval_alt_controller.json").read_text())
     assert alt["controller"] == "alt" and json.loads((run_dir / "eval.json").read_text()) == result
+
+
+def test_the_near_start_has_its_own_play_data_file():
+    full, near = dv4.Args(data_dir="d"), dv4.Args(data_dir="d", start="near")
+    assert dv4.play_data_path(full) == os.path.join("d", "EgoPushCube-v0_play_30000.npz")
+    assert dv4.play_data_path(near) == os.path.join("d", "EgoPushCube-v0_near_play_30000.npz")
 
 
 def test_stopped_run_resumes_and_no_diffusion_skips_the_world_model(play_data, tmp_path):

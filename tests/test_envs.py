@@ -212,6 +212,28 @@ def test_ego_alt_controller_responds_differently():
         gym.make("EgoPushCube-v0", controller="nope")
 
 
+def test_ego_near_start_puts_the_robot_behind_the_cube_facing_it():
+    env = gym.make("EgoPushCube-v0", start="near")
+    for seed in range(20):
+        _, info = env.reset(seed=seed)
+        robot, cube = np.array(info["robot_pose"]), np.array(info["cube_pose"])
+        assert 0.9 <= np.linalg.norm(cube[:2] - envs.NET_CENTER) <= 1.8  # the cube before the net
+        assert 0.6 - 1e-6 <= np.linalg.norm(cube[:2] - robot[:2]) <= 1.0 + 1e-6
+        to_cube, to_net = cube[:2] - robot[:2], envs.NET_CENTER - cube[:2]
+        cos = to_cube @ to_net / np.linalg.norm(to_cube) / np.linalg.norm(to_net)
+        assert cos > np.cos(0.5) - 1e-6  # behind the cube, on the line to the net within 0.5 rad
+        heading = np.arctan2(to_cube[1], to_cube[0]) - robot[2]
+        assert abs(np.arctan2(np.sin(heading), np.cos(heading))) <= 0.4 + 1e-6  # facing the cube
+    # given poses win over the start distribution; the full distribution starts elsewhere too
+    _, info = env.reset(options={"robot_pose": [1.0, 1.0, 0.0], "cube_pose": [2.0, 2.0, 0.0]})
+    assert np.allclose(info["robot_pose"][:2], [1.0, 1.0], atol=1e-3)
+    full = gym.make("EgoPushCube-v0")
+    far = [np.linalg.norm(np.array(full.reset(seed=s)[1]["cube_pose"][:2]) - envs.NET_CENTER) > 1.8 for s in range(20)]
+    assert any(far)
+    with pytest.raises(ValueError, match="start"):
+        gym.make("EgoPushCube-v0", start="nope")
+
+
 def test_ego_labels_push_and_success():
     env = gym.make("EgoPushCube-v0")
     # robot lined up behind the cube, facing the net: driving forward pushes the cube toward the goal
