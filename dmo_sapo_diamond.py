@@ -1871,6 +1871,10 @@ def print_summary(result, run_dir, videos):
     """After eval.json's line: the result in words and where the run's outputs are."""
     print(f"done in {duration(result['wall_time_s'])}: {result['successes']} of {result['episodes']} evaluation "
           f"episodes succeeded ({eval_line(result)})")
+    print_outputs(run_dir, videos)
+
+
+def print_outputs(run_dir, videos):
     print(f"  results      {os.path.join(run_dir, 'eval.json')}")
     for i, video in enumerate(videos):
         print(f"  {'videos' if i == 0 else '':13}{os.path.join(run_dir, video)}")

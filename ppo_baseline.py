@@ -1,12 +1,18 @@
 """PPO on images, the zeroth-order baseline of seed 000 ("Coupled Local and Global World Models for Efficient First
-Order RL", §4.2, Table 4, Fig. 5 and 8): CleanRL-style PPO with a CNN + MLP actor-critic on a stack of 4 frames,
-trained either inside the same global world model and reward model as DMO (the checkpoints dmo_sapo_diamond.py
-saves) or directly in the simulator with the true reward, then evaluated zero-shot in PushT-v0 like DMO.
+Order RL", §4.2, Table 1, Table 4, Fig. 5 and 8): CleanRL-style PPO with a CNN + MLP actor-critic on a stack of 4
+frames, trained either inside the same global world model and reward as DMO or directly in the simulator with the
+true reward, then evaluated zero-shot like DMO. Two global world models plug in:
+  - Push-T (DIAMOND and the reward model r, the checkpoints dmo_sapo_diamond.py saves), evaluated in PushT-v0;
+  - Push-Cube (DreamerV4's tokenizer and dynamics, whose reward head gives r; dmo_sapo_dreamerv4.py's checkpoints),
+    evaluated in EgoPushCube-v0 with Table 1's metrics.
 
     python dmo_sapo_diamond.py --seed 1 --stop-after reward_model       # the global world model and reward model
     python ppo_baseline.py --seed 1 --env world-model \\
         --wm-checkpoint runs/RUN/world_model.pt --reward-checkpoint runs/RUN/reward_model.pt
     python ppo_baseline.py --seed 1 --env sim                            # model-free reference with the true reward
+    python dmo_sapo_dreamerv4.py --seed 1 --stop-after dynamics          # DreamerV4 on Push-Cube (its near start)
+    python ppo_baseline.py --seed 1 --env-id EgoPushCube-v0 --total-timesteps 77824 \\
+        --wm-checkpoint runs/RUN/dynamics.pt --tok-checkpoint runs/RUN/tokenizer.pt
     python ppo_baseline.py --seed 1 --preset paper ...                   # Table 4 sizes (on a GPU)
 """
 
@@ -28,6 +34,7 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 
 import dmo_sapo_diamond as dmo  # the global world model, reward model, play-data windows and checkpoint helpers
+import dmo_sapo_dreamerv4 as dv4  # the Push-Cube world model (tokenizer, dynamics, reward head) and evaluation
 import envs
 
 
@@ -58,19 +65,27 @@ class Args:
     # Environment
     env: Literal["world-model", "sim"] = "world-model"
     """where PPO collects experience: inside the global world model, or in the simulator (true reward)"""
-    env_id: Literal["PushT-v0", "PushTReach-v0", "PushTPuck-v0"] = "PushTReach-v0"
-    """the task (a rung of the Push-T ladder, envs.py): the simulator of --env sim and of the evaluation; the world
-    model of --env world-model must be of the same task (dmo_sapo_diamond.py's default is also the reach rung)"""
+    env_id: Literal["PushT-v0", "PushTReach-v0", "PushTPuck-v0", "EgoPushCube-v0"] = "PushTReach-v0"
+    """the task (a rung of the Push-T ladder, or Push-Cube, envs.py): the simulator of --env sim and of the evaluation;
+    the world model of --env world-model must be of the same task (dmo_sapo_diamond.py's default is also the reach
+    rung); EgoPushCube-v0 trains in dmo_sapo_dreamerv4.py's world model only"""
+    start: Literal["full", "near"] = "near"
+    """EgoPushCube-v0: where its play data and evaluation episodes start (as dmo_sapo_dreamerv4.py --start)"""
     img_size: int = 32
     """frame resolution in --env sim (--env world-model uses its checkpoint's; the paper: 64)"""
     frame_stack: int = 4
     """frames the policy sees"""
     wm_checkpoint: Optional[str] = None
-    """--env world-model: the world model (world_model.pt of dmo_sapo_diamond.py)"""
+    """--env world-model: the world model (world_model.pt of dmo_sapo_diamond.py; for EgoPushCube-v0 the dynamics
+    with its reward head, dynamics.pt of dmo_sapo_dreamerv4.py)"""
     reward_checkpoint: Optional[str] = None
-    """--env world-model: the reward model (reward_model.pt of dmo_sapo_diamond.py)"""
-    wm_denoising_steps: int = 3
-    """Euler steps of the DIAMOND sampler (Table 4: 3)"""
+    """--env world-model: the reward model (reward_model.pt of dmo_sapo_diamond.py; not for EgoPushCube-v0)"""
+    tok_checkpoint: Optional[str] = None
+    """--env world-model, EgoPushCube-v0: the tokenizer (tokenizer.pt of dmo_sapo_dreamerv4.py)"""
+    wm_denoising_steps: Optional[int] = None
+    """denoising steps per generated frame (default: the paper's, 3 for DIAMOND's Euler sampler, 4 for DreamerV4)"""
+    init_context: int = 32
+    """EgoPushCube-v0: real frames that pre-fill DreamerV4's cache before each imagined episode (A.4: 32)"""
     data_dir: str = "data"
     """--env world-model: episodes start from play data at {data_dir}/{env_id}_play_{play_steps}.npz (collected when
     missing)"""
@@ -123,6 +138,8 @@ class Args:
     """episodes of a quick evaluation"""
     eval_seed: int = 1_000_000
     """first evaluation seed (as dmo_sapo_diamond.py)"""
+    eval_max_steps: int = 200
+    """EgoPushCube-v0: an evaluation episode ends after this many steps (as dmo_sapo_dreamerv4.py)"""
 
     # filled in at runtime
     run_name: str = ""
@@ -138,7 +155,7 @@ PRESETS = {
                   episode_length=128, eval_episodes=100, eval_every=100),
 }
 
-AGENT_FIELDS = ["env", "img_size", "frame_stack", "cnn_channels", "hidden"]  # what a resumed checkpoint must match
+AGENT_FIELDS = ["env", "env_id", "img_size", "frame_stack", "cnn_channels", "hidden"]  # what a resumed checkpoint must match
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -152,7 +169,7 @@ class DiamondWorld:
     def __init__(self, args, device):
         wm = dmo.load_checkpoint(args.wm_checkpoint, "world_model")  # adopt its image size and architecture
         c = wm["config"]
-        self.img_size, self.context, self.steps = c["img_size"], c["wm_context"], args.wm_denoising_steps
+        self.img_size, self.context, self.steps = c["img_size"], c["wm_context"], args.wm_denoising_steps or 3
         self.denoiser = dmo.Denoiser(2, c["wm_context"], c["wm_channels"], c["wm_depths"], c["wm_cond_channels"])
         self.denoiser.load_state_dict(wm["model"])
         self.reward_model = dmo.load_reward_model(args.reward_checkpoint, device)
@@ -179,6 +196,8 @@ class WorldModelEnv:
     """num_envs imagined episodes. Each starts from a `context`-frame window of play data (s_start = its last
     frame, as DMO's rollouts), is rewarded by the reward model for every generated frame, and is truncated after
     episode_length steps."""
+
+    action_dim = 2
 
     def __init__(self, args, world, data, device):
         self.args, self.world, self.data = args, world, data
@@ -218,9 +237,87 @@ class WorldModelEnv:
         return self.obs, reward, torch.zeros_like(truncated), truncated, final_obs
 
 
+class DreamerV4World:
+    """The same boundary for Push-Cube, read from dmo_sapo_dreamerv4.py's checkpoints: the tokenizer, and the dynamics
+    whose reward head's expected reward is r. Its time attention keeps a KV cache, so its episodes start together."""
+
+    def __init__(self, args, device):
+        tok, dyn = dv4.load_checkpoint(args.tok_checkpoint, "tokenizer"), dv4.load_checkpoint(args.wm_checkpoint, "dynamics")
+        for f in ("tok_latents", "tok_bottleneck"):
+            if tok["config"][f] != dyn["config"][f]:
+                raise dmo.RunError(f"{args.wm_checkpoint}: the dynamics has {f}={dyn['config'][f]}, the tokenizer "
+                                   f"{args.tok_checkpoint} {f}={tok['config'][f]}: not one run's world model")
+        # the architecture from the checkpoints, sampling as dmo_sapo_dreamerv4.py's defaults (4 steps, A.4's cache)
+        self.cfg = dv4.Args(**tok["config"], **{f: v for f, v in dyn["config"].items() if f not in tok["config"]})
+        self.cfg.dyn_sampling_steps = args.wm_denoising_steps or self.cfg.dyn_sampling_steps
+        self.img_size, self.context = self.cfg.img_size, args.init_context
+        if args.init_context + args.episode_length > self.cfg.dyn_max_context:
+            raise dmo.RunError(f"init_context + episode_length ({args.init_context} + {args.episode_length}) exceeds "
+                               f"the frames the dynamics attends to ({self.cfg.dyn_max_context})")
+        self.tok, self.dyn = dv4.make_tokenizer(self.cfg).to(device), dv4.make_dynamics(self.cfg).to(device)
+        self.tok.load_state_dict(tok["model"])
+        self.dyn.load_state_dict(dyn["model"])
+        self.tok.eval().requires_grad_(False)
+        self.dyn.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def start(self, frames, actions):
+        """A new cache holding frames (B, L, 3, S, S) and the actions (B, L, A) taken after each."""
+        self.cache = dv4.KVCache(self.cfg.dyn_layers, self.cfg.dyn_max_context)
+        dv4.observe(self.dyn, self.cache, self.tok.encode(frames), dv4.actions_into(actions), self.cfg.dyn_context_noise)
+
+    @torch.no_grad()
+    def next_frame_and_reward(self, action):
+        """The frame after the cached ones for the action taken after the last (B, A): a frame as a camera gives it
+        (256 levels), and the reward head's expected reward of arriving there (B,). The frame joins the cache."""
+        z, logits = dv4.generate(self.dyn, self.cache, action, self.cfg.dyn_sampling_steps, self.cfg.dyn_context_noise)
+        return dv4.to_float(dv4.to_uint8(self.tok.decode(z[:, 0]))), dv4.expected_reward(logits[:, 0])
+
+
+class DreamerV4Env:
+    """num_envs imagined Push-Cube episodes, as DMO-SAPO's rollouts in dmo_sapo_dreamerv4.py: they start together from
+    init_context-frame windows of play data, which fill the dynamics' cache (A.4); every generated frame is rewarded
+    by the reward head, and all are truncated together after episode_length steps."""
+
+    action_dim = dv4.ACTION_DIM
+
+    def __init__(self, args, world, data, device):
+        self.args, self.world, self.data, self.device = args, world, data, device
+        self.starts = dv4.window_starts(data, world.context)
+        self.episode_return = torch.zeros(args.num_envs, device=device)
+        self.finished = []
+        self.reset()
+
+    def reset(self):
+        idx = self.starts[torch.randint(len(self.starts), (self.args.num_envs,))][:, None] + torch.arange(self.world.context)
+        idx = idx.to(self.device)
+        frames = dv4.to_float(self.data["obs"][idx])
+        self.world.start(frames, self.data["action"][idx])
+        self.frames, self.t = frames[:, -self.args.frame_stack:], 0
+        self.episode_return.zero_()
+
+    @property
+    def obs(self):
+        return dv4.to_uint8(self.frames)
+
+    def step(self, action):
+        """-> next obs (reset where an episode ended), reward, terminated, truncated, last obs of ended episodes."""
+        next_frame, reward = self.world.next_frame_and_reward(action)
+        self.frames = torch.cat([self.frames[:, 1:], next_frame[:, None]], 1)
+        self.t += 1
+        self.episode_return += reward
+        final_obs, truncated = self.obs, torch.full_like(reward, self.t >= self.args.episode_length, dtype=torch.bool)
+        if truncated.all():
+            self.finished += [{"return": r} for r in self.episode_return.tolist()]
+            self.reset()
+        return self.obs, reward, torch.zeros_like(truncated), truncated, final_obs
+
+
 class Simulator:
     """n PushT-v0 simulators (true reward, gym's 200-step limit) with a frame stack, each reset when its episode ends;
     the first episodes start from seeds seed, seed + 1, ... A new episode's stack repeats its first frame."""
+
+    action_dim = 2
 
     def __init__(self, args, n, seed, device):
         self.sims = [gym.make(args.env_id, obs_size=args.img_size) for _ in range(n)]
@@ -318,8 +415,11 @@ def gae(rewards, values, dones, next_value, gamma, lam):
 # ----------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(args, agent, episodes, seed, device, record=0):
-    """One episode on each of seeds seed, seed+1, ... with the mean action; final coverage. Returns metrics and,
-    for the first `record` episodes, their top-down frames."""
+    """One episode on each of seeds seed, seed+1, ... with the mean action; final coverage (Push-Cube: Table 1's
+    metrics). Returns metrics and, for the first `record` episodes, their top-down frames."""
+    if args.env_id == dv4.ENV_ID:
+        return dv4.run_episodes(push_cube_settings(args), stacked_policy(agent, args.frame_stack), episodes, seed,
+                                device, record=record)
     sim = Simulator(args, episodes, seed, device)
     alive, returns = np.ones(episodes, bool), np.zeros(episodes)
     coverage, success = np.zeros(episodes), np.zeros(episodes, bool)
@@ -345,6 +445,32 @@ def evaluate(args, agent, episodes, seed, device, record=0):
     return metrics, videos
 
 
+
+
+def stacked_policy(agent, k):
+    """The agent as a controller of dmo_sapo_dreamerv4.run_episodes: act(frames (E, 3, S, S) in [-1, 1]) keeps the
+    last k frames (an episode's first frame repeated, as Simulator does) and returns the mean actions."""
+    stack = None
+
+    def act(frames):
+        nonlocal stack
+        frame = dv4.to_uint8(frames)[:, None]
+        stack = frame.repeat(1, k, 1, 1, 1) if stack is None else torch.cat([stack[:, 1:], frame], 1)
+        return agent.act(stack)
+
+    act.frames_per_action = 0
+    return act
+
+
+def push_cube_settings(args):
+    """The settings of dmo_sapo_dreamerv4.py that its play data and evaluation read, from this run's flags."""
+    return dv4.Args(img_size=args.img_size, start=args.start, play_steps=args.play_steps, data_dir=args.data_dir,
+                    data_path=args.data_path, eval_max_steps=args.eval_max_steps)
+
+
+def task(args):
+    """The script whose evaluation logging fits the task: Push-Cube's Table 1 metrics, or Push-T's distances."""
+    return dv4 if args.env_id == dv4.ENV_ID else dmo
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -376,9 +502,9 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Every numeric flag, before anything is created: a RunError (one line, exit code 1) names the first bad one."""
-    for name in ("save_every", "img_size", "frame_stack", "wm_denoising_steps", "play_steps", "episode_length",
-                 "total_timesteps", "num_envs", "num_steps", "minibatch_size", "update_epochs", "eval_episodes",
-                 "eval_quick_episodes"):
+    for name in ("save_every", "img_size", "frame_stack", "play_steps", "episode_length", "total_timesteps",
+                 "num_envs", "num_steps", "minibatch_size", "update_epochs", "eval_episodes", "eval_quick_episodes",
+                 "init_context", "eval_max_steps"):
         if getattr(args, name) < 1:
             raise dmo.RunError(f"{name} ({getattr(args, name)}) must be at least 1")
     for name in ("seed", "eval_every", "eval_seed", "ent_coef", "vf_coef"):
@@ -399,7 +525,18 @@ def check_args(args):
     if args.total_timesteps < args.num_envs * args.num_steps:
         raise dmo.RunError(f"total_timesteps ({args.total_timesteps}) must be at least one rollout, num_envs * "
                            f"num_steps ({args.num_envs * args.num_steps})")
-    if args.env == "world-model" and not (args.wm_checkpoint and args.reward_checkpoint):
+    if args.wm_denoising_steps is not None and args.wm_denoising_steps < 1:
+        raise dmo.RunError(f"wm_denoising_steps ({args.wm_denoising_steps}) must be at least 1")
+    if args.env_id == dv4.ENV_ID:
+        if args.env == "sim":
+            raise dmo.RunError("--env sim runs the Push-T rungs; EgoPushCube-v0 trains in dmo_sapo_dreamerv4.py's "
+                               "world model (--env world-model)")
+        if not (args.wm_checkpoint and args.tok_checkpoint):
+            raise dmo.RunError("--env world-model on EgoPushCube-v0 needs --wm-checkpoint RUN/dynamics.pt and "
+                               "--tok-checkpoint RUN/tokenizer.pt (from dmo_sapo_dreamerv4.py)")
+        if args.frame_stack > args.init_context:
+            raise dmo.RunError(f"frame_stack ({args.frame_stack}) exceeds init_context ({args.init_context})")
+    elif args.env == "world-model" and not (args.wm_checkpoint and args.reward_checkpoint):
         raise dmo.RunError("--env world-model needs --wm-checkpoint and --reward-checkpoint (from dmo_sapo_diamond.py)")
     if (args.num_envs * args.num_steps) % args.minibatch_size:
         raise dmo.RunError(f"num_envs * num_steps ({args.num_envs * args.num_steps}) must be a multiple of "
@@ -411,14 +548,14 @@ def check_args(args):
 # ----------------------------------------------------------------------------------------------------
 def ppo(args, env, device, writer, run_dir):
     """CleanRL's PPO loop in `env` (WorldModelEnv or Simulator). Returns the agent and the samples it used."""
-    agent = Agent(args.img_size, args.frame_stack, args.cnn_channels, args.hidden).to(device)
+    agent = Agent(args.img_size, args.frame_stack, args.cnn_channels, args.hidden, env.action_dim).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     path = os.path.join(run_dir, "agent.pt")
     T, B, S = args.num_steps, args.num_envs, args.img_size
     batch_size = T * B
     num_iterations = args.total_timesteps // batch_size
     obs = torch.zeros(T, B, args.frame_stack, 3, S, S, dtype=torch.uint8, device=device)
-    actions = torch.zeros(T, B, 2, device=device)
+    actions = torch.zeros(T, B, env.action_dim, device=device)
     logprobs, rewards, dones, values = (torch.zeros(T, B, device=device) for _ in range(4))
     next_obs, global_step, start = env.obs.clone(), 0, 0
     if args.resume and os.path.exists(path):
@@ -504,8 +641,8 @@ def ppo(args, env, device, writer, run_dir):
         progress(iteration, reward=mean_r, entropy=entropy_loss.item(), SPS=sps)
         if args.eval_every and (iteration + 1) % args.eval_every == 0 and iteration + 1 < num_iterations:
             metrics, _ = evaluate(args, agent, args.eval_quick_episodes, args.eval_seed, device)  # uses no RNG
-            dmo.log_eval(writer, metrics, global_step)
-            print(f"[eval] {global_step:,} samples: {dmo.eval_line(metrics)}")
+            task(args).log_eval(writer, metrics, global_step)
+            print(f"[eval] {global_step:,} samples: {task(args).eval_line(metrics)}")
         if (iteration + 1) % args.save_every == 0 or dmo.STOP["requested"]:
             save(iteration + 1)
             dmo.stop_if_requested(f"PPO saved at iteration {iteration + 1}" if args.save_model else
@@ -534,8 +671,13 @@ def run(args):
     dmo.STAGES["names"] = stages
 
     dmo.start_stage(stages[0])
-    if args.env == "world-model":
-        world = DiamondWorld(args, device)  # checkpoints first: a wrong one fails before anything is written
+    if args.env_id == dv4.ENV_ID:
+        world = DreamerV4World(args, device)  # checkpoints first: a wrong one fails before anything is written
+        args.img_size = world.img_size
+        data = dv4.load_play_data(push_cube_settings(args), device)
+        env = DreamerV4Env(args, world, data, device)
+    elif args.env == "world-model":
+        world = DiamondWorld(args, device)
         if args.frame_stack > world.context:
             raise dmo.RunError(f"frame_stack ({args.frame_stack}) exceeds the world model's context ({world.context})")
         args.img_size = world.img_size
@@ -567,12 +709,16 @@ def run(args):
     for i, frames in enumerate(videos):
         envs.write_video(os.path.join(run_dir, f"eval_episode_{i}.mp4"), frames, scale=1)
     result = {"env_id": args.env_id, **metrics, "global_step": global_step, "wall_time_s": dmo.wall_time()}
-    dmo.log_eval(writer, metrics, global_step)
+    if args.env_id == dv4.ENV_ID:
+        result["start"] = args.start
+    task(args).log_eval(writer, metrics, global_step)
     with open(os.path.join(run_dir, "eval.json"), "w") as f:
         json.dump(result, f, indent=1)
     writer.close()
     print(json.dumps(result))
-    dmo.print_summary(result, run_dir, [f"eval_episode_{i}.mp4" for i in range(len(videos))])
+    print(f"done in {dmo.duration(result['wall_time_s'])}: {result['successes']} of {result['episodes']} evaluation "
+          f"episodes succeeded ({task(args).eval_line(result)})")
+    dmo.print_outputs(run_dir, [f"eval_episode_{i}.mp4" for i in range(len(videos))])
     return result
 
 
@@ -581,7 +727,7 @@ def main(argv=None):
     previous = signal.signal(signal.SIGINT, dmo.request_stop)
     try:
         run(parse_args(argv))
-    except (dmo.RunError, envs.DatasetError) as e:
+    except (dmo.RunError, dv4.RunError, envs.DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except (dmo.Interrupted, KeyboardInterrupt) as e:

@@ -44,6 +44,8 @@ def test_gae_matches_a_plain_loop():
 class Bandit:
     """A contextual bandit in the environment interface: bright frames want action (0.5, 0.5), dark ones (-0.5, -0.5)."""
 
+    action_dim = 2
+
     def __init__(self, n, size):
         self.n, self.size, self.finished = n, size, []
         self.new_obs()
@@ -217,3 +219,100 @@ def test_checkpoint_of_the_wrong_kind_is_a_one_line_error(global_models, tmp_pat
         assert r.returncode == 1 and expected in r.stderr, r.stderr[-2000:]
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not list(tmp_path.iterdir()), "a failed start writes no run directory"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Push-Cube: PPO inside dmo_sapo_dreamerv4.py's world model (Table 1's PPO row)
+# ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dreamerv4_models(tmp_path_factory):
+    """Near-start play data and tiny tokenizer and dynamics checkpoints of dmo_sapo_dreamerv4.py."""
+    tmp = tmp_path_factory.mktemp("dv4")
+    data = str(tmp / "EgoPushCube-v0_near_play_600.npz")
+    envs.save_dataset(data, envs.collect("EgoPushCube-v0", 600, seed=0, verbose=False, start="near"))
+    r = subprocess.run([sys.executable, "dmo_sapo_dreamerv4.py", "--preset", "tiny", "--stop-after", "dynamics",
+                        "--runs-dir", str(tmp / "runs"), "--data-path", data], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (run_dir,) = (tmp / "runs").iterdir()
+    return {"data": data, "dyn": str(run_dir / "dynamics.pt"), "tok": str(run_dir / "tokenizer.pt")}
+
+
+def push_cube_args(models, **overrides):
+    return ppo.Args(**{**ppo.PRESETS["tiny"], "env_id": "EgoPushCube-v0", "wm_checkpoint": models["dyn"],
+                       "tok_checkpoint": models["tok"], "data_path": models["data"], "init_context": 4, **overrides})
+
+
+def test_dreamerv4_env_starts_from_play_windows_and_ends_episodes_together(dreamerv4_models):
+    args = push_cube_args(dreamerv4_models, num_envs=3, episode_length=3)
+    torch.manual_seed(0)
+    world = ppo.DreamerV4World(args, torch.device("cpu"))
+    assert world.img_size == 32 and world.cfg.dyn_sampling_steps == 4 and world.context == 4
+    data = ppo.dv4.load_play_data(ppo.push_cube_settings(args), torch.device("cpu"))
+    env = ppo.DreamerV4Env(args, world, data, torch.device("cpu"))
+    windows = data["obs"].unfold(0, args.frame_stack, 1).permute(0, 4, 1, 2, 3)  # every k consecutive play frames
+    assert all((windows == o).flatten(1).all(1).any() for o in env.obs), "the stack is the end of a play window"
+    assert env.obs.shape == (3, 4, 3, 32, 32) and env.obs.dtype == torch.uint8 and env.action_dim == 3
+    rewards = []
+    for t in range(3):
+        before = env.obs.clone()
+        obs, reward, terminated, truncated, final_obs = env.step(torch.zeros(3, 3))
+        rewards.append(reward)
+        assert not terminated.any() and bool(truncated.all()) == (t == 2)
+        assert torch.equal(final_obs[:, :-1], before[:, 1:]), "the stack moves on by the generated frame"
+        assert torch.equal(obs, final_obs) == (t < 2), "after the last step every episode restarts from play data"
+    assert len(env.finished) == 3 and env.t == 0
+    returns = torch.stack(rewards).sum(0)
+    assert [e["return"] for e in env.finished] == pytest.approx(returns.tolist())
+    assert all(0 <= r <= 10 for r in returns / 3), "the reward head's expected reward lies among 0, 1, 10"
+
+
+def test_tiny_preset_in_the_dreamerv4_world_model(dreamerv4_models, tmp_path):
+    r = subprocess.run([sys.executable, "ppo_baseline.py", "--preset", "tiny", "--env-id", "EgoPushCube-v0",
+                        "--wm-checkpoint", dreamerv4_models["dyn"], "--tok-checkpoint", dreamerv4_models["tok"],
+                        "--data-path", dreamerv4_models["data"], "--init-context", "4", "--runs-dir", str(tmp_path),
+                        "--no-capture-video"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (run_dir,) = tmp_path.iterdir()
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["env_id"] == "EgoPushCube-v0" and result["start"] == "near" and result["global_step"] == 64
+    assert result["episodes"] == 2 and 0 <= result["success_rate"] <= 1 and result["mean_final_cube_to_net_m"] < 2.1
+    assert all(k in result for k in ("steps_to_success_mean", "straightness_mean", "curvature_mean"))  # Table 1
+    # the checkpoint alone reproduces the evaluation, with Push-Cube's three action dimensions
+    args = push_cube_args(dreamerv4_models)
+    ckpt = ppo.dmo.load_checkpoint(str(run_dir / "agent.pt"), "ppo_agent", args)
+    agent = ppo.Agent(args.img_size, args.frame_stack, args.cnn_channels, args.hidden, action_dim=3)
+    agent.load_state_dict(ckpt["agent"])
+    metrics, _ = ppo.evaluate(args, agent, 2, args.eval_seed, torch.device("cpu"))
+    assert metrics["mean_final_cube_to_net_m"] == pytest.approx(result["mean_final_cube_to_net_m"], abs=1e-6)
+    with pytest.raises(ppo.dmo.RunError, match="checkpoint has env_id=EgoPushCube-v0, this run has env_id=PushT-v0"):
+        ppo.dmo.load_checkpoint(str(run_dir / "agent.pt"), "ppo_agent", ppo.Args(**TINY))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--env", "sim"], "--env sim runs the Push-T rungs; EgoPushCube-v0 trains in dmo_sapo_dreamerv4.py's world model"),
+    (["--wm-checkpoint", "d.pt"], "--env world-model on EgoPushCube-v0 needs --wm-checkpoint RUN/dynamics.pt and "
+                                  "--tok-checkpoint RUN/tokenizer.pt"),
+    (["--wm-checkpoint", "d.pt", "--tok-checkpoint", "t.pt", "--init-context", "2"],
+     "frame_stack (4) exceeds init_context (2)")])
+def test_push_cube_flags_are_checked(flags, message):
+    with pytest.raises(ppo.dmo.RunError) as e:
+        ppo.parse_args(["--preset", "tiny", "--env-id", "EgoPushCube-v0", *flags])
+    assert str(e.value).startswith(message)
+
+
+def test_push_cube_checkpoints_must_be_one_world_model(dreamerv4_models, tmp_path):
+    for dyn, tok, expected in [(dreamerv4_models["tok"], dreamerv4_models["tok"], "expected a 'dynamics' checkpoint"),
+                               (dreamerv4_models["dyn"], dreamerv4_models["dyn"], "expected a 'tokenizer' checkpoint")]:
+        r = subprocess.run([sys.executable, "ppo_baseline.py", "--preset", "tiny", "--env-id", "EgoPushCube-v0",
+                            "--wm-checkpoint", dyn, "--tok-checkpoint", tok, "--init-context", "4", "--runs-dir",
+                            str(tmp_path / "runs")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and expected in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "runs").exists(), "a failed start writes no run directory"
+    tok = torch.load(dreamerv4_models["tok"], weights_only=False)
+    tok["config"]["tok_latents"] = 8
+    torch.save(tok, tmp_path / "tokenizer.pt")
+    with pytest.raises(ppo.dmo.RunError, match="the dynamics has tok_latents=4, the tokenizer .* tok_latents=8"):
+        ppo.DreamerV4World(push_cube_args(dreamerv4_models, tok_checkpoint=str(tmp_path / "tokenizer.pt")), "cpu")
+    with pytest.raises(ppo.dmo.RunError, match=r"init_context \+ episode_length \(4 \+ 100\) exceeds"):
+        ppo.DreamerV4World(push_cube_args(dreamerv4_models, episode_length=100), "cpu")
