@@ -1614,6 +1614,21 @@ def check_checkpoints(args, run_dir=None):
             load_checkpoint(path, kind, args)
 
 
+def purge_step(run_dir):
+    """Where TensorBoard drops the events of a resumed run: after the furthest step its checkpoints hold (stages log
+    against their steps, DMO-SAPO against world-model samples), so what a killed process logged after its last
+    checkpoint goes. The stages share x-axes that start at 0 and a purge drops every tag, so it never reaches below
+    what a finished stage logged (an unfinished stage's curve may then overlap itself, after a kill; a Ctrl-C saves
+    where it stopped logging)."""
+    steps = [0]
+    for kind in STAGE_FIELDS:
+        path = os.path.join(run_dir, f"{kind}.pt")
+        if os.path.exists(path):  # memory-mapped: the weights are not read
+            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            steps.append(1 + (ckpt["global_step"] if kind == "agent" else ckpt["step"]))
+    return max(steps)
+
+
 def run(args):
     check_checkpoints(args, args.resume)
     device = init_distributed(args)
@@ -1657,7 +1672,7 @@ def run(args):
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump({**{k: v for k, v in dataclasses.asdict(args).items() if k not in ("resume", "stop_after")},
                        **keep}, f, indent=1)
-        writer = STOP["writer"] = SummaryWriter(run_dir)
+        writer = STOP["writer"] = SummaryWriter(run_dir, purge_step=purge_step(run_dir) if args.resume else None)
         writer.add_text("hyperparameters",
                         "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
         print(f"run directory {run_dir} ({device}, {DIST['world']} process{'es' * (DIST['world'] > 1)})")
@@ -1688,11 +1703,11 @@ def run(args):
                   f"success: {' / '.join(map(str, report['label_counts']))}): accuracy {report['reward_accuracy']:.3f} "
                   f"(always the commonest label: {report['reward_accuracy_majority']:.3f}), recall "
                   f"{per_label('reward_recall')}, mean expected reward {per_label('reward_mean_by_label')}")
-            for k in ("tokenizer_mse", "open_loop_mse", "copy_last_mse", "reward_accuracy"):
-                writer.add_scalar(f"world_model/{k}", report[k], 0)
+            for k in ("tokenizer_mse", "open_loop_mse", "copy_last_mse", "reward_accuracy"):  # not the training curves'
+                writer.add_scalar(f"world_model/report_{k}", report[k], 0)
             for c, name in enumerate(("other", "pushing", "success")):
-                writer.add_scalar(f"world_model/reward_recall_{name}", report["reward_recall"][c], 0)
-                writer.add_scalar(f"world_model/reward_mean_{name}", report["reward_mean_by_label"][c], 0)
+                writer.add_scalar(f"world_model/report_reward_recall_{name}", report["reward_recall"][c], 0)
+                writer.add_scalar(f"world_model/report_reward_mean_{name}", report["reward_mean_by_label"][c], 0)
         if args.stop_after == "dynamics":
             return stopped_after("dynamics")
     if not main_process():  # the other processes only train the world models

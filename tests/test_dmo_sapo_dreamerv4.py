@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.tensorboard import SummaryWriter
 
 import dmo_sapo_dreamerv4 as dv4
 import envs
@@ -421,10 +422,18 @@ def test_stopped_run_resumes_and_no_diffusion_skips_the_world_model(play_data, t
                                                  f"python dmo_sapo_dreamerv4.py --resume {run_dir}")
     assert not (run_dir / "rssm.pt").exists()
     tokenizer = (run_dir / "tokenizer.pt").read_bytes()
+    with SummaryWriter(str(run_dir)) as lost:  # what a killed process logged after the last checkpoint (step 20)
+        lost.add_scalar("rssm/loss", 1.0, 21)
+        lost.add_scalar("rssm/loss", 2.0, 500)
     r = run_script("--resume", str(run_dir))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "the tokenizer: loaded" in r.stdout and "the dynamics: loaded" in r.stdout
     assert (run_dir / "tokenizer.pt").read_bytes() == tokenizer and (run_dir / "eval.json").exists()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dir)).Reload()
+    assert [e.step for e in events.Scalars("world_model/tokenizer_mse")] == list(range(20)), "finished stages kept"
+    assert [e.value for e in events.Scalars("rssm/loss") if e.step in (21, 500)] == [], "the lost events purged"
+    assert [e.step for e in events.Scalars("rssm/loss")] == list(range(20)), "the resumed stage logged anew"
     # a flag the run's checkpoints refuse: a one-line error before anything is rewritten
     args_json = (run_dir / "args.json").read_text()
     r = run_script("--resume", str(run_dir), "--dyn-dim", "64", timeout=60)
