@@ -4,6 +4,7 @@ the scripted, noisy demonstrations of the ego-centric Push-Cube robot (envs.py) 
 
     python act_baseline.py --seed 1                           # 50 demonstrations, a CPU-sized ACT (README)
     python act_baseline.py --seed 1 --num-demos 10            # fewer demonstrations
+    python act_baseline.py --seed 1 --start near              # the task's last stage (dmo_sapo_dreamerv4.py's default)
     python act_baseline.py --seed 1 --data-path demos.npz     # your own demonstrations (the data format of README)
     python act_baseline.py --resume runs/RUN --eval-controller alt  # the trained policy under the other controller
     python act_baseline.py --seed 1 --preset paper            # the ACT paper's sizes (on a GPU)
@@ -67,9 +68,12 @@ class Args:
     # Demonstrations
     env_id: Literal["EgoPushCube-v0"] = "EgoPushCube-v0"
     """the task (the demonstrator of envs.py exists for the ego-centric Push-Cube robot)"""
+    start: Literal["full", "near"] = "full"
+    """where the demonstrations and the evaluation episodes start (envs.EgoPushCubeEnv): full = anywhere in the room
+    (the paper's task); near = its last stage, the cube before the net (dmo_sapo_dreamerv4.py's `default`)"""
     num_demos: int = 50
-    """demonstration episodes to train on: collected into {data_dir}/{env_id}_demos_{num_demos}.npz when missing
-    (reset seeds 0 .. num_demos-1), or the first num_demos of --data-path (0: all of them)"""
+    """demonstration episodes to train on: collected into {data_dir}/{env_id}[_near]_demos_{num_demos}.npz when
+    missing (reset seeds 0 .. num_demos-1), or the first num_demos of --data-path (0: all of them)"""
     data_dir: str = "data"
     """where collected demonstrations live"""
     data_path: Optional[str] = None
@@ -171,11 +175,12 @@ def load_demonstrations(args):
     if args.data_path:
         path = args.data_path
     else:
-        path = os.path.join(args.data_dir, f"{args.env_id}_demos_{args.num_demos}.npz")
+        start = "" if args.start == "full" else f"_{args.start}"
+        path = os.path.join(args.data_dir, f"{args.env_id}{start}_demos_{args.num_demos}.npz")
         if not os.path.exists(path):
             print(f"collecting {args.num_demos} scripted demonstrations into {path}")
             envs.save_dataset(path, envs.collect(args.env_id, 10**12, seed=0, demo_fraction=1.0,
-                                                 max_episodes=args.num_demos))
+                                                 max_episodes=args.num_demos, start=args.start))
     data = envs.load_dataset(path)  # validates keys, dtypes and shapes (envs.DatasetError: one line)
     if data["action"].shape[1] != 3 or data["obs"].shape[1:] != (64, 64, 3):
         raise RunError(f"{path}: ACT here takes 64x64 frames and 3-d actions (EgoPushCube-v0), the file has "
@@ -612,7 +617,8 @@ def train(args, data, episodes, device, writer, run_dir):
                 best = {"val_loss": val_loss, "step": step + 1}
                 save_checkpoint(best_path, args, model=model.state_dict(), stats=train_set.stats, step=step + 1)
             policy = Policy(model, train_set.stats, args.temporal_ensemble, args.ensemble_m, device, args.robot_state)
-            metrics, _ = evaluate(policy, args.eval_quick_episodes, args.eval_seed, args.eval_controller)
+            metrics, _ = evaluate(policy, args.eval_quick_episodes, args.eval_seed, args.eval_controller,
+                                  start=args.start)
             model.train()
             for k, v in metrics.items():
                 if v is not None:
@@ -736,16 +742,16 @@ def run(args):
           f"{mode(args.temporal_ensemble)})")
     policy = lambda te: Policy(model, stats, te, args.ensemble_m, device, args.robot_state)
     metrics, videos = evaluate(policy(args.temporal_ensemble), args.eval_episodes, args.eval_seed,
-                               args.eval_controller, record=3 if args.capture_video else 0)
+                               args.eval_controller, record=3 if args.capture_video else 0, start=args.start)
     for i, frames in enumerate(videos):
         envs.write_video(os.path.join(run_dir, f"eval{suffix}_episode_{i}.mp4"), frames, scale=1)
-    result = {"env_id": args.env_id, **metrics, "global_step": 0, "wall_time_s": wall_time(),
+    result = {"env_id": args.env_id, "start": args.start, **metrics, "global_step": 0, "wall_time_s": wall_time(),
               "eval_controller": args.eval_controller, "temporal_ensemble": args.temporal_ensemble,
               "demonstrations": len(episodes), "best_step": best["step"],
               "best_val_loss": best["val_loss"] if best["step"] else None}
     if args.eval_both:
         other, _ = evaluate(policy(not args.temporal_ensemble), args.eval_episodes, args.eval_seed,
-                            args.eval_controller)
+                            args.eval_controller, start=args.start)
         result["other_mode"] = {"temporal_ensemble": not args.temporal_ensemble, **other}
         print(f"other mode ({mode(not args.temporal_ensemble)}): {eval_line(other)}")
     for k, v in metrics.items():

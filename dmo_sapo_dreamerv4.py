@@ -1471,6 +1471,7 @@ def run_episodes(args, act, episodes, seed, device, controller="default", record
         values = table.get(k, [])
         metrics[f"{k}_mean"] = float(np.mean(values)) if values else None
         metrics[f"{k}_std"] = float(np.std(values)) if values else None
+    metrics["success_by_episode"] = success.astype(int).tolist()  # seed, seed + 1, ...: for paired comparisons
     metrics["ms_per_action"] = 1000 * act_time / max(actions_taken, 1)  # batched over the parallel episodes
     metrics["frames_generated_per_action"] = act.frames_per_action
     return metrics, videos

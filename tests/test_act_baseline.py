@@ -199,6 +199,18 @@ def test_tiny_run_end_to_end_then_evaluation_under_the_other_controller(demos, t
     assert r.returncode == 1 and "hidden_dim" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_near_start_collects_its_own_demonstrations_and_evaluates_there(tmp_path):
+    r = script("--preset", "tiny", "--start", "near", "--data-dir", str(tmp_path / "data"), "--runs-dir",
+               str(tmp_path / "runs"), "--no-capture-video", "--eval-every", "0", "--no-eval-both")
+    assert r.returncode == 0, r.stderr
+    data = envs.load_dataset(str(tmp_path / "data" / "EgoPushCube-v0_near_demos_3.npz"))
+    first = data["state"][data["is_first"]]  # robot (x, y, yaw), cube (x, y, yaw) at each demonstration's start
+    assert len(first) == 3 and (first[:, 3] >= 3.0).all() and (first[:, 3] <= 3.8).all(), "the cube before the net"
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["start"] == "near" and result["mean_final_cube_to_net_m"] < 2.1  # near start: at most 1.8 m
+
+
 def test_bad_demonstration_files_are_refused_in_one_line(demos, tmp_path):
     data = envs.load_dataset(demos)
     data["is_demo"][:] = False

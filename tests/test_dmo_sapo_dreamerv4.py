@@ -393,6 +393,8 @@ def test_tiny_preset_runs_the_pipeline_and_cem_mpc(play_data, tmp_path):
     assert cem["mode"] == "cem-mpc" and cem["episodes"] == 2 and cem["global_step"] == 0
     # from the easier start distribution (the default): the cube before the net, at most 1.8 m from it; 10 steps of
     # a barely trained policy or planner move it little
+    assert [len(x["success_by_episode"]) for x in (result, cem)] == [2, 2]  # per seed, for paired comparisons
+    assert sum(result["success_by_episode"]) == result["successes"] and sum(cem["success_by_episode"]) == cem["successes"]
     assert result["start"] == cem["start"] == "near" and max(result["mean_final_cube_to_net_m"],
                                                              cem["mean_final_cube_to_net_m"]) < 2.1
     assert cem["frames_generated_per_action"] == 8 * 2 and cem["ms_per_action"] > 0
