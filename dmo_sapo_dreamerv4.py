@@ -97,6 +97,9 @@ class Args:
     it (an easier rung, the one a CPU learns: README)"""
     play_steps: int = 30_000
     """frames of play to collect when no file exists (paper: 12 h at 5 Hz = 216k)"""
+    play_after_success: int = 0
+    """collected play: frames recorded after each success, as an operator's play goes on after the goal (the cube
+    in the net labelled success); 0: a play episode ends at its success, as the simulator's episodes do"""
     img_size: int = 32
     """frame resolution of every model (Table 4: 64 for the policy, 128 generated; frames are area-resized)"""
 
@@ -279,7 +282,8 @@ PRESETS = {
 # ----------------------------------------------------------------------------------------------------
 def play_data_path(args):
     start = "" if args.start == "full" else f"_{args.start}"
-    return args.data_path or os.path.join(args.data_dir, f"{ENV_ID}{start}_play_{args.play_steps}.npz")
+    after = f"_after{args.play_after_success}" if args.play_after_success else ""
+    return args.data_path or os.path.join(args.data_dir, f"{ENV_ID}{start}{after}_play_{args.play_steps}.npz")
 
 
 def load_play_data(args, device, verbose=True):
@@ -288,7 +292,8 @@ def load_play_data(args, device, verbose=True):
     path = play_data_path(args)
     if not os.path.exists(path) and args.data_path is None:
         print(f"collecting {args.play_steps} frames of play data into {path}")
-        envs.save_dataset(path, envs.collect(ENV_ID, args.play_steps, seed=0, verbose=verbose, start=args.start))
+        envs.save_dataset(path, envs.collect(ENV_ID, args.play_steps, seed=0, verbose=verbose, start=args.start,
+                                             after_success=args.play_after_success))
     data = envs.load_dataset(path)
     if str(data.get("env_id", ENV_ID)) != ENV_ID:
         raise RunError(f"{path}: play data of {data['env_id']}, but this script's task is {ENV_ID}")
@@ -1549,7 +1554,7 @@ def parse_args(argv=None):
         if getattr(args, name) < 1:
             raise RunError(f"{name} ({getattr(args, name)}) must be at least 1")
     for name in ("tok_steps", "dyn_steps", "rssm_pretrain_steps", "rssm_finetune_steps", "eval_every", "seed",
-                 "eval_seed", "reward_balance"):
+                 "eval_seed", "reward_balance", "play_after_success"):
         if getattr(args, name) < 0:
             raise RunError(f"{name} ({getattr(args, name)}) must not be negative")
     for name in ("tok_lr", "dyn_lr", "rssm_lr", "actor_lr", "critic_lr", "alpha_lr", "init_alpha", "cem_std"):

@@ -754,10 +754,12 @@ def episode_bounds(is_first: np.ndarray) -> list:
     return list(zip(starts.tolist(), np.append(starts[1:], len(is_first)).tolist()))
 
 
-def record_episode(env, policy, max_frames: int, seed: int):
+def record_episode(env, policy, max_frames: int, seed: int, after_success: int = 0):
     """Run `policy` for one episode (at most `max_frames` frames). Returns the frames' records and
     whether the episode ended in success. The last frame gets a zero action: no frame of the same
-    episode follows it, so that action is never part of a transition."""
+    episode follows it, so that action is never part of a transition. With `after_success`, an episode that
+    succeeds goes on for that many more frames (the simulator stepped past its termination, as an operator's
+    play goes on after the goal; each frame labelled as the simulator labels it, 2 while the cube is in the net)."""
     def record(obs, info, action):
         return {"obs": obs, "action": action, "label": info.get("label", 0), "state": info["state"],
                 "contact": info["contact"]}
@@ -773,18 +775,26 @@ def record_episode(env, policy, max_frames: int, seed: int):
         if terminated or truncated:  # keep the final frame: it may be the success frame
             frames.append(record(obs, info, action))
             break
+    success = bool(info["is_success"])
+    for _ in range(after_success if success else 0):
+        if len(frames) == max_frames:
+            break
+        frames[-1]["action"] = action = policy(obs, info)
+        obs, _, _, _, info = env.unwrapped.step(action)
+        frames.append(record(obs, info, action))
     frames[-1]["action"] = np.zeros_like(action)
-    return frames, bool(info["is_success"])
+    return frames, success
 
 
 PROGRESS_FRAMES = 10_000  # collections of at least this many frames print a progress line every 10 %
 
 
 def collect(env_id: str, steps: int, seed: int = 0, demo_fraction: float = 0.0, verbose: bool = True,
-            max_episodes: Optional[int] = None, **env_kwargs) -> dict:
+            max_episodes: Optional[int] = None, after_success: int = 0, **env_kwargs) -> dict:
     """Record `steps` frames (or, with `max_episodes`, that many whole episodes) from the simulator: play episodes,
     and scripted demonstrations for a `demo_fraction` of the frames (EgoPushCube-v0 only). Episode i starts from
-    reset seed `seed + i`. env_kwargs go to gym.make (e.g. start="near" for EgoPushCube-v0)."""
+    reset seed `seed + i`; a successful one goes on for `after_success` frames (record_episode). env_kwargs go to
+    gym.make (e.g. start="near" for EgoPushCube-v0)."""
     if demo_fraction > 0 and env_id != "EgoPushCube-v0":
         raise ValueError(f"no scripted demonstrator for {env_id}; demonstrations exist for EgoPushCube-v0")
     env = gym.make(env_id, **env_kwargs)
@@ -796,7 +806,7 @@ def collect(env_id: str, steps: int, seed: int = 0, demo_fraction: float = 0.0, 
     while n < steps and (max_episodes is None or len(episodes) < max_episodes):
         demo = demo_fraction > 0 and demo_n <= demo_fraction * n
         policy = (push_cube_demonstrator if demo else play)(env.unwrapped, rng)
-        frames, success = record_episode(env, policy, steps - n, seed + len(episodes))
+        frames, success = record_episode(env, policy, steps - n, seed + len(episodes), after_success)
         if len(frames) < 2:  # the budget ran out on an episode's first frame: end on the previous episode
             break
         episodes.append(frames)

@@ -412,6 +412,8 @@ def test_the_near_start_has_its_own_play_data_file():
     full, near = dv4.Args(data_dir="d", start="full"), dv4.Args(data_dir="d")
     assert dv4.play_data_path(full) == os.path.join("d", "EgoPushCube-v0_play_30000.npz")
     assert dv4.play_data_path(near) == os.path.join("d", "EgoPushCube-v0_near_play_30000.npz")
+    after = dv4.Args(data_dir="d", play_after_success=8)
+    assert dv4.play_data_path(after) == os.path.join("d", "EgoPushCube-v0_near_after8_play_30000.npz")
     assert dv4.parse_args(["--preset", "paper"]).start == "full" and dv4.parse_args([]).start == "near"
 
 

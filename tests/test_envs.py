@@ -234,6 +234,28 @@ def test_ego_near_start_puts_the_robot_behind_the_cube_facing_it():
         gym.make("EgoPushCube-v0", start="nope")
 
 
+def test_play_goes_on_after_a_success_when_asked():
+    """A forward-driving 'operator' lined up behind the cube scores, then keeps recording: the cube in the net is
+    labelled success on every frame after, the episode's last action is zero, and without the option it ends."""
+    forward = lambda obs, info: np.array([1.0, 0.0, 0.0], np.float32)
+    poses = {"robot_pose": [3.0, 2.0, 0.0], "cube_pose": [3.5, 2.0, 0.0]}
+
+    class Lined(gym.Wrapper):  # every reset from the lined-up poses
+        def reset(self, **kw):
+            return self.env.reset(options=poses)
+
+    env = Lined(gym.make("EgoPushCube-v0"))
+    frames, success = envs.record_episode(env, forward, 100, 0)
+    assert success and [f["label"] for f in frames][-1] == 2 and frames[-1]["action"].tolist() == [0, 0, 0]
+    more, success_more = envs.record_episode(env, forward, 100, 0, after_success=5)
+    assert success_more and len(more) == len(frames) + 5
+    assert [f["label"] for f in more[len(frames) - 1:]] == [2] * 6, "the cube stays in the net"
+    assert all(f["action"].tolist() == [1, 0, 0] for f in more[:-1]) and more[-1]["action"].tolist() == [0, 0, 0]
+    assert all(np.array_equal(a["obs"], b["obs"]) for a, b in zip(frames, more)), "the same episode up to the goal"
+    short, _ = envs.record_episode(env, forward, len(frames) + 2, 0, after_success=5)
+    assert len(short) == len(frames) + 2, "the frame budget still holds"
+
+
 def test_ego_labels_push_and_success():
     env = gym.make("EgoPushCube-v0")
     # robot lined up behind the cube, facing the net: driving forward pushes the cube toward the goal
