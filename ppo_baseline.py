@@ -11,8 +11,8 @@ true reward, then evaluated zero-shot like DMO. Two global world models plug in:
         --wm-checkpoint runs/RUN/world_model.pt --reward-checkpoint runs/RUN/reward_model.pt
     python ppo_baseline.py --seed 1 --env sim                            # model-free reference with the true reward
     python dmo_sapo_dreamerv4.py --seed 1 --stop-after dynamics          # DreamerV4 on Push-Cube (its near start)
-    python ppo_baseline.py --seed 1 --env-id EgoPushCube-v0 --total-timesteps 77824 \\
-        --wm-checkpoint runs/RUN/dynamics.pt --tok-checkpoint runs/RUN/tokenizer.pt
+    python ppo_baseline.py --seed 1 --env-id EgoPushCube-v0 --wm-checkpoint runs/RUN/dynamics.pt \\
+        --tok-checkpoint runs/RUN/tokenizer.pt --episode-length 32 --num-steps 32 --total-timesteps 76800
     python ppo_baseline.py --seed 1 --preset paper ...                   # Table 4 sizes (on a GPU)
 """
 
@@ -250,6 +250,8 @@ class DreamerV4World:
         # the architecture from the checkpoints, sampling as dmo_sapo_dreamerv4.py's defaults (4 steps, A.4's cache)
         self.cfg = dv4.Args(**tok["config"], **{f: v for f, v in dyn["config"].items() if f not in tok["config"]})
         self.cfg.dyn_sampling_steps = args.wm_denoising_steps or self.cfg.dyn_sampling_steps
+        if self.cfg.dyn_sampling_steps & (self.cfg.dyn_sampling_steps - 1):  # step sizes live on a grid of 1/2^k
+            raise dmo.RunError(f"wm_denoising_steps ({self.cfg.dyn_sampling_steps}) must be a power of 2 for DreamerV4")
         self.img_size, self.context = self.cfg.img_size, args.init_context
         if args.init_context + args.episode_length > self.cfg.dyn_max_context:
             raise dmo.RunError(f"init_context + episode_length ({args.init_context} + {args.episode_length}) exceeds "

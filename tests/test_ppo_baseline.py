@@ -314,5 +314,7 @@ def test_push_cube_checkpoints_must_be_one_world_model(dreamerv4_models, tmp_pat
     torch.save(tok, tmp_path / "tokenizer.pt")
     with pytest.raises(ppo.dmo.RunError, match="the dynamics has tok_latents=4, the tokenizer .* tok_latents=8"):
         ppo.DreamerV4World(push_cube_args(dreamerv4_models, tok_checkpoint=str(tmp_path / "tokenizer.pt")), "cpu")
+    with pytest.raises(ppo.dmo.RunError, match=r"wm_denoising_steps \(3\) must be a power of 2 for DreamerV4"):
+        ppo.DreamerV4World(push_cube_args(dreamerv4_models, wm_denoising_steps=3), "cpu")
     with pytest.raises(ppo.dmo.RunError, match=r"init_context \+ episode_length \(4 \+ 100\) exceeds"):
         ppo.DreamerV4World(push_cube_args(dreamerv4_models, episode_length=100), "cpu")
