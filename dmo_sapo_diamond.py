@@ -105,7 +105,7 @@ class Args:
     """training batch size"""
     wm_lr: float = 5e-4
     """AdamW learning rate (100-step linear warm-up, weight decay 1e-2, grad clip 1; DIAMOND: 1e-4. `default` is
-    higher: its small denoiser reaches at 2000 steps the open-loop error 1e-4 reaches at 6000, results/)"""
+    higher: its small denoiser reaches at 2000 steps the training loss 1e-4 reaches at 6000, results/)"""
     wm_ar_steps: int = 1
     """extra training steps conditioned on the model's own prediction (as the DIAMOND code does)"""
 
