@@ -132,7 +132,7 @@ class Args:
     {env_id}_goal_videos_{reward_goal_videos}.npz beside the play data, collected when missing"""
     reward_keypoints: int = 16
     """spatial-softmax keypoints added to r's CNN embedding (as --rssm-keypoints; 0: the plain CNN, which ranks the
-    reach rung's 2-pixel tool poorly: README)"""
+    reach rung's 2-pixel tool poorly: results/)"""
 
     # Local model f<- (DreamerV3 RSSM)
     rssm_checkpoint: Optional[str] = None
@@ -871,6 +871,9 @@ def train_reward_model(args, data, goal, device, writer, run_dir, videos=None):
         model.mean.copy_(energy.mean())
         model.std.copy_(energy.std().clamp(min=1e-6))
     print(f"reward model: held-out ranking accuracy {acc.item():.3f}")
+    if acc.item() < 0.6:
+        print("reward model: warning: it ranks held-out play hardly better than chance (0.5); a policy trained on "
+              "it is unlikely to learn (more --reward-steps, or another --seed)")
     writer.add_scalar("reward_model/heldout_accuracy", acc.item(), step)
     if data["state"] is not None:
         corr = task_reward_correlation(model, data, goal, held_out, device, args.env_id)
