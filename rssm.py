@@ -131,12 +131,13 @@ def keypoint_convs(c, keypoints):
 
 def spatial_softmax(maps):
     """(N, K, H, W) feature maps -> (N, 2 K): each map's softmax-weighted x, then y, coordinate in [-1, 1].
-    Each map is standardised over the image (x 2) before the softmax. Untrained maps are nearly flat (std 0.03):
-    every keypoint then sits at the centre whatever the frame (a 2-pixel tool moved them 1e-4 on the reach rung),
+    Each map is divided by its std over the image (x 2) before the softmax, which ignores the mean: standardised.
+    Untrained maps are nearly flat (std 0.03): every keypoint then sits at the centre whatever the frame (a 2-pixel
+    tool moved them 1e-4 on the reach rung),
     and training sat on that plateau for hundreds of steps or for good (r in 3 of 4 seeds, the RSSM once:
     results/dmo_sapo_diamond.md); standardised, the tool moves them ~0.05 from step 0."""
     n, k, h, w = maps.shape
-    maps = 2 * (maps - maps.mean((2, 3), keepdim=True)) / (maps.std((2, 3), keepdim=True) + 1e-5)
+    maps = maps * (2 / (maps.std((2, 3), keepdim=True) + 1e-5))  # the mean need not go: softmax ignores a shift
     p = maps.flatten(2).softmax(-1).view(n, k, h, w)
     xs, ys = torch.linspace(-1, 1, w, device=maps.device), torch.linspace(-1, 1, h, device=maps.device)
     return torch.cat([(p.sum(2) * xs).sum(-1), (p.sum(3) * ys).sum(-1)], 1)
